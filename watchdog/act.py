@@ -1,0 +1,109 @@
+"""Signalling backends: one race-safe statement for the whole batch, then one confirmation.
+
+The caller has already written the intent to the audit log; this module only
+talks to the server and reports what happened to each action.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from watchdog import queries
+from watchdog.model import Action, Outcome
+
+log = logging.getLogger(__name__)
+
+# pg_terminate_backend only sends SIGTERM; a backend normally exits within
+# milliseconds. Look again for the whole batch, briefly, before calling one failed.
+CONFIRM_WITHIN = 2.0
+_CONFIRM_STEPS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+
+_VERDICT_OUTCOME = {"gone": "gone", "changed": "skipped_changed"}
+_DENIED = {
+    "denied_superuser": "permission denied: only a superuser can signal a superuser's backend",
+    "denied": "permission denied: the watchdog role needs pg_signal_backend",
+}
+
+
+def dry_outcomes(actions: Sequence[Action]) -> list[Outcome]:
+    """The would_* outcomes of actions that must not be signalled."""
+    return [Outcome(a, f"would_{a.action}") for a in actions]
+
+
+async def execute(
+    conn: Any, actions: Sequence[Action], timeout: float | None = None
+) -> list[Outcome]:
+    """Signal ``actions`` (none of them dry) in one statement and confirm terminations."""
+    if not actions:
+        return []
+    if any(a.dry_run for a in actions):
+        raise ValueError("dry-run actions must never reach execute()")
+    by_pid = {a.session.pid: a for a in actions}
+    try:
+        rows = await conn.fetch(
+            queries.ACT,
+            [a.session.pid for a in actions],
+            [a.session.backend_start for a in actions],
+            [a.session.state for a in actions],
+            [a.session.state_change for a in actions],
+            [a.action for a in actions],
+            timeout=timeout,
+        )
+    except Exception as exc:  # every action must get an outcome
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("signalling %d backends failed: %s", len(actions), error)
+        return [Outcome(a, "failed", error) for a in actions]
+
+    outcomes: dict[int, Outcome] = {}
+    terminated: list[Action] = []
+    for row in rows:
+        a = by_pid[row["pid"]]
+        verdict = row["verdict"]
+        if verdict in _VERDICT_OUTCOME:
+            outcomes[a.session.pid] = Outcome(a, _VERDICT_OUTCOME[verdict])
+        elif verdict in _DENIED:
+            outcomes[a.session.pid] = Outcome(a, "failed", _DENIED[verdict])
+        elif not row["signalled"]:
+            # The function returns false when the pid is no longer a backend.
+            outcomes[a.session.pid] = Outcome(a, "gone")
+        elif a.action == "cancel":
+            outcomes[a.session.pid] = Outcome(a, "cancelled")
+        else:
+            terminated.append(a)
+    try:
+        survivors = await _survivors(conn, terminated, timeout)
+    except Exception as exc:  # the signals went out; say we could not confirm
+        error = f"signalled, but confirming failed: {type(exc).__name__}: {exc}"
+        for a in terminated:
+            outcomes[a.session.pid] = Outcome(a, "unconfirmed", error)
+        survivors = None
+    for a, survived in zip(terminated, survivors or [], strict=False):
+        outcomes[a.session.pid] = (
+            Outcome(a, "failed", f"backend still running {CONFIRM_WITHIN:g}s after SIGTERM")
+            if survived
+            else Outcome(a, "terminated")
+        )
+    return [outcomes[a.session.pid] for a in actions]
+
+
+async def _survivors(conn: Any, terminated: list[Action], timeout: float | None) -> list[bool]:
+    """For each terminated action, whether its backend outlived the confirmation window."""
+    pending = {a.session.pid for a in terminated}
+    deadline = time.monotonic() + CONFIRM_WITHIN
+    steps = iter(_CONFIRM_STEPS)
+    while pending:
+        rows = await conn.fetch(
+            queries.STILL_THERE,
+            list(pending),
+            [a.session.backend_start for a in terminated if a.session.pid in pending],
+            timeout=timeout,
+        )
+        pending = {r["pid"] for r in rows}
+        if not pending or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(next(steps, 0.4))
+    return [a.session.pid in pending for a in terminated]

@@ -1,0 +1,326 @@
+"""The policy file: strict validation into frozen dataclasses.
+
+Everything the rest of the code trusts is checked here, once, at the edge.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from watchdog.yamlfields import (
+    Network,
+    boolean,
+    choice,
+    cidr_list,
+    duration,
+    ident,
+    list_of,
+    mapping,
+    opt,
+    percent,
+    str_list,
+    string,
+)
+from watchdog.yamlpos import ConfigError, YNode, load_yaml
+
+T = TypeVar("T")
+
+STATES = (
+    "idle",
+    "idle in transaction",
+    "idle in transaction (aborted)",
+    "active",
+    "fastpath function call",
+)
+ACTIONS = ("terminate", "cancel")
+MEASURED_FROM = ("state_change", "xact_start", "query_start", "backend_start")
+AUDIT_QUERY = ("full", "truncate", "omit")
+DEFAULT_CONFIG = "/etc/pg-watchdog/policies.yaml"
+MIN_INTERVAL = 0.25
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    dsn: str
+    password_file: Path | None
+    interval: float
+
+
+@dataclass(frozen=True)
+class Exclusions:
+    superusers: bool = False
+    users: tuple[str, ...] = ()
+    applications: tuple[str, ...] = ()
+    databases: tuple[str, ...] = ()
+    client_addrs: tuple[Network, ...] = ()
+    listeners: bool = False
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    states: frozenset[str]
+    longer_than: float
+    action: str = "terminate"
+    measured_from: str = "state_change"
+    users: tuple[str, ...] = ()
+    applications: tuple[str, ...] = ()
+    databases: tuple[str, ...] = ()
+    client_addrs: tuple[Network, ...] = ()
+    exclude: Exclusions = Exclusions()
+    dry_run: bool = False
+    targets: tuple[str, ...] | None = None
+    connections_above: float | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_per_sweep: int = 50
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    path: Path = Path("/var/log/pg-watchdog/audit.jsonl")
+    query: str = "truncate"
+
+
+@dataclass(frozen=True)
+class SentryConfig:
+    dsn: str | None = None
+    environment: str = "production"
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    sentry: SentryConfig = SentryConfig()
+    connections_above: float | None = 0.8
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    targets: tuple[Target, ...]
+    policies: tuple[Policy, ...]
+    exclude: Exclusions = Exclusions(superusers=True, listeners=True)
+    dry_run: bool = False
+    limits: Limits = Limits()
+    audit: AuditConfig = AuditConfig()
+    alerts: AlertsConfig = AlertsConfig()
+    metrics: MetricsConfig | None = None
+
+    def target(self, name: str) -> Target:
+        """The target called ``name``."""
+        return next(t for t in self.targets if t.name == name)
+
+
+def config_path(arg: str | None) -> str:
+    """The policy file to use: ``-c``, then $PG_WATCHDOG_CONFIG, then the system default."""
+    return arg or os.environ.get("PG_WATCHDOG_CONFIG") or DEFAULT_CONFIG
+
+
+def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a policy file; ConfigError (one line) on any problem."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(path, 1, 1, "", f"cannot read policy file: {reason}") from None
+    return parse_config(load_yaml(text, path, environ), path)
+
+
+# -- sections ----------------------------------------------------------------
+
+_EXCLUDE_KEYS = ("superusers", "users", "applications", "databases", "client_addrs", "listeners")
+_FILTER_KEYS = ("users", "applications", "databases", "client_addrs")
+
+
+def _exclusions(node: YNode, defaults: Exclusions) -> Exclusions:
+    f = mapping(node, _EXCLUDE_KEYS)
+    return Exclusions(
+        superusers=opt(f, "superusers", boolean, defaults.superusers),
+        users=opt(f, "users", str_list, ()),
+        applications=opt(f, "applications", str_list, ()),
+        databases=opt(f, "databases", str_list, ()),
+        client_addrs=opt(f, "client_addrs", cidr_list, ()),
+        listeners=opt(f, "listeners", boolean, defaults.listeners),
+    )
+
+
+def _dsn(node: YNode) -> str:
+    value = string(node)
+    if value and not value.startswith(("postgresql://", "postgres://")):
+        raise node.error(
+            "must be a URI starting with postgresql:// (e.g. postgresql://watchdog@db1:5432/postgres)"
+        )
+    return value
+
+
+def _interval(node: YNode) -> float:
+    seconds = duration(node)
+    if seconds < MIN_INTERVAL:
+        raise node.error(f"{node.value!r} is too short (at least {MIN_INTERVAL * 1000:.0f}ms)")
+    return seconds
+
+
+def _target(node: YNode) -> Target:
+    f = mapping(node, ("name", "dsn", "password_file", "interval"), ("name",))
+    return Target(
+        name=ident(f["name"]),
+        dsn=opt(f, "dsn", _dsn, ""),
+        password_file=opt(f, "password_file", lambda n: Path(string(n)).expanduser(), None),
+        interval=opt(f, "interval", _interval, 30.0),
+    )
+
+
+def _when(node: YNode) -> float:
+    f = mapping(node, ("connections_above",), ("connections_above",))
+    return percent(f["connections_above"])
+
+
+_POLICY_KEYS = (
+    "name",
+    "state",
+    "longer_than",
+    "action",
+    "measured_from",
+    *_FILTER_KEYS,
+    "exclude",
+    "dry_run",
+    "targets",
+    "when",
+)
+
+
+def _policy(node: YNode, target_names: set[str]) -> Policy:
+    f = mapping(node, _POLICY_KEYS, ("name",))
+    name = ident(f["name"])
+    if "state" not in f:
+        raise node.error(f"policy {name!r} has no 'state' (e.g. state: idle)")
+    states = list_of(f["state"], choice(STATES))
+    if not states:
+        raise f["state"].error("must name at least one state")
+    if "longer_than" not in f:
+        raise node.error(f"policy {name!r} has no 'longer_than' (e.g. longer_than: 10m)")
+    targets: tuple[str, ...] | None = None
+    if "targets" in f:
+        targets = list_of(f["targets"], string)
+        for i, t in enumerate(targets):
+            if t not in target_names:
+                item = (
+                    f["targets"].value[i] if isinstance(f["targets"].value, list) else f["targets"]
+                )
+                raise item.error(
+                    f"unknown target {t!r} (targets: {', '.join(sorted(target_names))})"
+                )
+    return Policy(
+        name=name,
+        states=frozenset(states),
+        longer_than=duration(f["longer_than"]),
+        action=opt(f, "action", choice(ACTIONS), "terminate"),
+        measured_from=opt(f, "measured_from", choice(MEASURED_FROM), "state_change"),
+        users=opt(f, "users", str_list, ()),
+        applications=opt(f, "applications", str_list, ()),
+        databases=opt(f, "databases", str_list, ()),
+        client_addrs=opt(f, "client_addrs", cidr_list, ()),
+        exclude=opt(f, "exclude", lambda n: _exclusions(n, Exclusions()), Exclusions()),
+        dry_run=opt(f, "dry_run", boolean, False),
+        targets=targets,
+        connections_above=opt(f, "when", _when, None),
+    )
+
+
+def _unique(items: tuple[T, ...], nodes: list[YNode], key: Callable[[T], str], what: str) -> None:
+    seen: set[str] = set()
+    for item, node in zip(items, nodes, strict=True):
+        k = key(item)
+        if k in seen:
+            name_node = node.value["name"] if isinstance(node.value, dict) else node
+            raise name_node.error(f"duplicate {what} name {k!r}")
+        seen.add(k)
+
+
+def _limits(node: YNode) -> Limits:
+    f = mapping(node, ("max_per_sweep",))
+    if "max_per_sweep" not in f:
+        return Limits()
+    n = f["max_per_sweep"]
+    if isinstance(n.value, bool) or not isinstance(n.value, int) or n.value < 1:
+        raise n.error(f"must be a whole number of at least 1, not {n.value!r}")
+    return Limits(max_per_sweep=n.value)
+
+
+def _audit(node: YNode) -> AuditConfig:
+    f = mapping(node, ("path", "query"))
+    path = opt(f, "path", string, str(AuditConfig.path))
+    if not path:
+        raise f["path"].error("must not be empty")
+    return AuditConfig(
+        path=Path(path).expanduser(), query=opt(f, "query", choice(AUDIT_QUERY), "truncate")
+    )
+
+
+def _sentry(node: YNode) -> SentryConfig:
+    f = mapping(node, ("dsn", "environment"))
+    dsn = opt(f, "dsn", lambda n: "" if n.value is None else string(n), "")
+    if dsn and not re.match(r"https?://[^@/]+@[^/]+/\S+", dsn):
+        raise f["dsn"].error("is not a Sentry DSN (https://KEY@HOST/PROJECT)")
+    return SentryConfig(dsn=dsn or None, environment=opt(f, "environment", string, "production"))
+
+
+def _alerts(node: YNode) -> AlertsConfig:
+    f = mapping(node, ("sentry", "connections_above"))
+    return AlertsConfig(
+        sentry=opt(f, "sentry", _sentry, SentryConfig()),
+        connections_above=opt(f, "connections_above", percent, 0.8),
+    )
+
+
+def _metrics(node: YNode) -> MetricsConfig:
+    f = mapping(node, ("listen",), ("listen",))
+    listen = string(f["listen"])
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise f["listen"].error(f"{listen!r} is not HOST:PORT (e.g. 127.0.0.1:9187)")
+    return MetricsConfig(host=host.strip("[]") or "127.0.0.1", port=int(port))
+
+
+_TOP_KEYS = ("dry_run", "targets", "exclude", "policies", "limits", "audit", "alerts", "metrics")
+
+
+def parse_config(root: YNode, source: str) -> Config:
+    """Validate a parsed policy file into a :class:`Config`."""
+    f = mapping(root, _TOP_KEYS, ("targets", "policies"))
+    target_nodes = f["targets"]
+    targets = list_of(target_nodes, _target, allow_scalar=False)
+    if not targets:
+        raise target_nodes.error("must list at least one target")
+    _unique(targets, target_nodes.value, lambda t: t.name, "target")
+    names = {t.name for t in targets}
+    policy_nodes = f["policies"]
+    policies = list_of(policy_nodes, lambda n: _policy(n, names), allow_scalar=False)
+    if not policies:
+        raise policy_nodes.error("must list at least one policy")
+    _unique(policies, policy_nodes.value, lambda p: p.name, "policy")
+    return Config(
+        source=source,
+        targets=targets,
+        policies=policies,
+        exclude=opt(f, "exclude", lambda n: _exclusions(n, Config.exclude), Config.exclude),
+        dry_run=opt(f, "dry_run", boolean, False),
+        limits=opt(f, "limits", _limits, Limits()),
+        audit=opt(f, "audit", _audit, AuditConfig()),
+        alerts=opt(f, "alerts", _alerts, AlertsConfig()),
+        metrics=opt(f, "metrics", _metrics, None),
+    )

@@ -1,0 +1,115 @@
+"""Connecting to a target: the monitoring connection's settings, and keeping secrets out of text."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import asyncpg
+
+from watchdog import queries
+from watchdog.config import Target
+from watchdog.model import APPLICATION_NAME
+
+CONNECT_TIMEOUT = 5.0
+STATEMENT_TIMEOUT = 10.0
+
+# The held connection must never be killed by the server's own session timeouts.
+_SERVER_SETTINGS = {
+    "application_name": APPLICATION_NAME,
+    "idle_session_timeout": "0",
+    "idle_in_transaction_session_timeout": "0",
+    "statement_timeout": "0",
+    "lock_timeout": "0",
+    "jit": "off",
+}
+
+
+class TargetError(Exception):
+    """A target cannot be reached or used; the message is safe to print."""
+
+
+def _dsn_password(dsn: str) -> str | None:
+    try:
+        pw = urlsplit(dsn).password
+    except ValueError:
+        return None
+    return unquote(pw) if pw else None
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with its password replaced by ``***``."""
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return re.sub(r":[^:@/]*@", ":***@", dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def read_password(target: Target) -> str | None:
+    """The password from ``password_file``, if the target names one."""
+    if target.password_file is None:
+        return None
+    try:
+        return Path(target.password_file).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise TargetError(
+            f"{target.name}: cannot read password_file {target.password_file}: {exc.strerror}"
+        ) from None
+
+
+def secrets_of(target: Target) -> list[str]:
+    """Every secret string of a target, to scrub from any text shown to anyone."""
+    found = [_dsn_password(target.dsn)]
+    with contextlib.suppress(TargetError):
+        found.append(read_password(target))
+    return [s for s in found if s]
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    """``text`` with every secret replaced by ``***``."""
+    for s in secrets:
+        text = text.replace(s, "***")
+    return text
+
+
+def describe_error(target: Target, exc: BaseException) -> str:
+    """One safe line about why ``target`` failed."""
+    if isinstance(exc, TimeoutError):
+        reason = "timed out"
+    elif isinstance(exc, OSError) and exc.strerror:
+        reason = exc.strerror
+    else:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return scrub(f"{target.name}: {reason}", secrets_of(target))
+
+
+async def connect(target: Target, timeout: float = CONNECT_TIMEOUT) -> Any:
+    """Open the monitoring connection to ``target``; TargetError (safe message) on failure."""
+    try:
+        password = read_password(target)
+        conn = await asyncpg.connect(
+            target.dsn or None,
+            password=password,
+            timeout=timeout,
+            command_timeout=STATEMENT_TIMEOUT,
+            server_settings=_SERVER_SETTINGS,
+            # The snapshot query changes shape with the server; no point caching plans.
+            statement_cache_size=16,
+        )
+    except TargetError:
+        raise
+    except Exception as exc:  # asyncpg raises many kinds; all mean "unreachable"
+        raise TargetError(describe_error(target, exc)) from None
+    return conn
+
+
+async def server_address(conn: Any) -> str:
+    """``host:port`` of the server as it sees itself."""
+    return str(await conn.fetchval(queries.SERVER_ADDR))

@@ -1,0 +1,145 @@
+"""The policy decision: a pure function from a snapshot and a config to actions.
+
+No I/O here. Everything that may spare a session is decided in this module,
+so the safety rules can be tested exhaustively without a server.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
+
+from watchdog.config import Config, Exclusions, Policy
+from watchdog.model import (
+    APPLICATION_NAME,
+    CLIENT_BACKEND,
+    Action,
+    Decision,
+    Session,
+    Snapshot,
+    Verdict,
+)
+from watchdog.yamlfields import Network
+
+_LISTEN = re.compile(r"\s*LISTEN\b", re.IGNORECASE)
+
+
+def _glob_any(value: str | None, patterns: Iterable[str]) -> bool:
+    return value is not None and any(fnmatchcase(value, p) for p in patterns)
+
+
+def _in_networks(addr: str | None, networks: tuple[Network, ...]) -> bool:
+    if addr is None or not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(addr.split("/")[0])
+    except ValueError:
+        return False
+    return any(ip.version == n.version and ip in n for n in networks)
+
+
+def excluded_by(session: Session, ex: Exclusions) -> str | None:
+    """The exclusion rule that spares ``session``, or None."""
+    if ex.superusers and session.rolsuper is not False:
+        # Unknown role (NULL rolsuper) is treated as superuser: never guess in favour of killing.
+        return "superuser"
+    if _glob_any(session.usename, ex.users):
+        return f"excluded user {session.usename!r}"
+    if _glob_any(session.application_name, ex.applications):
+        return f"excluded application {session.application_name!r}"
+    if _glob_any(session.datname, ex.databases):
+        return f"excluded database {session.datname!r}"
+    if _in_networks(session.client_addr, ex.client_addrs):
+        return f"excluded client address {session.client_addr}"
+    if ex.listeners and session.query is not None and _LISTEN.match(session.query):
+        return "listener (last statement was LISTEN)"
+    return None
+
+
+def never_touched(session: Session, snapshot: Snapshot) -> str | None:
+    """Rules no configuration can override."""
+    if session.backend_type != CLIENT_BACKEND:
+        return f"not a client backend ({session.backend_type})"
+    if session.pid == snapshot.own_pid:
+        return "the watchdog's own connection"
+    if session.leader_pid is not None:
+        return "parallel worker"
+    if session.application_name == APPLICATION_NAME:
+        return "another pg-watchdog instance"
+    if session.backend_start is None or session.state is None:
+        return "details not visible (grant pg_monitor to the watchdog role)"
+    return None
+
+
+def _outside_filters(session: Session, policy: Policy) -> str | None:
+    if policy.users and not _glob_any(session.usename, policy.users):
+        return "user not in the policy's users"
+    if policy.applications and not _glob_any(session.application_name, policy.applications):
+        return "application not in the policy's applications"
+    if policy.databases and not _glob_any(session.datname, policy.databases):
+        return "database not in the policy's databases"
+    if policy.client_addrs and not _in_networks(session.client_addr, policy.client_addrs):
+        return "client address not in the policy's client_addrs"
+    return excluded_by(session, policy.exclude)
+
+
+def decide(snapshot: Snapshot, config: Config, target: str, dry_run: bool = False) -> Decision:
+    """The actions one sweep of ``target`` takes, oldest first, within limits.max_per_sweep."""
+    policies = [p for p in config.policies if p.targets is None or target in p.targets]
+    saturation = snapshot.saturation
+    actions: list[Action] = []
+    verdicts: list[Verdict] = []
+    next_due: float | None = None
+    for s in snapshot.sessions:
+        reason = never_touched(s, snapshot) or excluded_by(s, config.exclude)
+        if reason is not None:
+            verdicts.append(Verdict(s, None, reason, acting=False))
+            continue
+        verdict: Verdict | None = None
+        why_not: list[str] = []
+        for p in policies:
+            if s.state not in p.states:
+                continue
+            outside = _outside_filters(s, p)
+            if outside is not None:
+                why_not.append(f"{p.name}: {outside}")
+                continue
+            since = s.since(p.measured_from)
+            if since is None:
+                why_not.append(f"{p.name}: no {p.measured_from}")
+                continue
+            age = (snapshot.now - since).total_seconds()
+            if p.connections_above is not None and saturation <= p.connections_above:
+                why_not.append(
+                    f"{p.name}: server at {saturation:.0%}, acts above {p.connections_above:.0%}"
+                )
+                continue
+            if age <= p.longer_than:
+                due = p.longer_than - age
+                next_due = due if next_due is None else min(next_due, due)
+                if verdict is None:
+                    verdict = Verdict(s, p.name, f"{p.name}: not yet due", False, due)
+                continue
+            actions.append(
+                Action(
+                    target,
+                    p.name,
+                    p.action,
+                    dry_run or config.dry_run or p.dry_run,
+                    s,
+                    p.measured_from,
+                    age,
+                )
+            )
+            verdict = Verdict(s, p.name, f"{p.name}: {s.state} past {p.longer_than:g}s", True, 0.0)
+            break
+        if verdict is None:
+            verdict = Verdict(
+                s, None, "; ".join(why_not) or f"no policy for state {s.state!r}", False
+            )
+        verdicts.append(verdict)
+    actions.sort(key=lambda a: (-a.age_s, a.session.pid))
+    limit = config.limits.max_per_sweep
+    return Decision(tuple(actions[:limit]), tuple(verdicts), max(len(actions) - limit, 0), next_due)

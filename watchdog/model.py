@@ -1,0 +1,105 @@
+"""The records that flow between the snapshot, the decision, the action and the audit log."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+CLIENT_BACKEND = "client backend"
+APPLICATION_NAME = "pg-watchdog"
+
+
+@dataclass(frozen=True)
+class Session:
+    """One row of pg_stat_activity, as the watchdog saw it."""
+
+    pid: int
+    backend_type: str
+    backend_start: datetime | None
+    usename: str | None
+    rolsuper: bool | None
+    datname: str | None
+    application_name: str
+    client_addr: str | None
+    state: str | None
+    state_change: datetime | None
+    xact_start: datetime | None
+    query_start: datetime | None
+    query: str | None
+    leader_pid: int | None = None
+
+    def since(self, measured_from: str) -> datetime | None:
+        """The timestamp a policy measures this session's age from."""
+        value: datetime | None = getattr(self, measured_from)
+        return value
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A consistent look at one server: its sessions, its limits and its clock."""
+
+    now: datetime
+    own_pid: int
+    server_version_num: int
+    max_connections: int
+    superuser_reserved: int
+    reserved: int
+    sessions: tuple[Session, ...] = field(default=())
+
+    @property
+    def capacity(self) -> int:
+        """Connection slots an ordinary role can use."""
+        return max(self.max_connections - self.superuser_reserved - self.reserved, 1)
+
+    @property
+    def used(self) -> int:
+        """Client sessions holding a slot."""
+        return sum(1 for s in self.sessions if s.backend_type == CLIENT_BACKEND)
+
+    @property
+    def saturation(self) -> float:
+        """Used slots as a fraction of the ordinary ones (above 1 once reserved slots are used)."""
+        return self.used / self.capacity
+
+
+@dataclass(frozen=True)
+class Action:
+    """A decision to signal one session."""
+
+    target: str
+    policy: str
+    action: str  # terminate | cancel
+    dry_run: bool
+    session: Session
+    measured_from: str
+    age_s: float
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the decision says about one session, for `status --explain`."""
+
+    session: Session
+    policy: str | None  # the policy acting now or later; None when spared
+    reason: str  # why it is acted on, spared, or not yet due
+    acting: bool
+    due_in: float | None = None  # seconds until a matching policy acts on it
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The decision for one target and sweep."""
+
+    actions: tuple[Action, ...]
+    verdicts: tuple[Verdict, ...]
+    over_limit: int  # actions dropped by limits.max_per_sweep
+    next_due: float | None  # seconds until the next session crosses a threshold
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one action."""
+
+    action: Action
+    outcome: str  # terminated | cancelled | would_* | skipped_changed | gone | failed | unconfirmed
+    error: str | None = None

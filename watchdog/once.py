@@ -1,0 +1,82 @@
+"""`pg-watchdog once`: one sweep of every target now, then a report."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+from watchdog.audit import AuditError, AuditLog
+from watchdog.config import Config, Target
+from watchdog.connect import TargetError, connect, describe_error, server_address
+from watchdog.sweep import SweepReport, sweep_target
+from watchdog.review_render import write_table
+from watchdog.units import format_duration
+
+
+async def _one(config: Config, target: Target, audit: AuditLog, dry_run: bool) -> SweepReport:
+    conn = await connect(target)
+    try:
+        server = await server_address(conn)
+        return await sweep_target(conn, server, config, target, audit, dry_run=dry_run)
+    except (AuditError, TargetError):
+        raise
+    except Exception as exc:
+        raise TargetError(describe_error(target, exc)) from None
+    finally:
+        await conn.close(timeout=2)
+
+
+def _summary(report: SweepReport) -> dict[str, Any]:
+    s = report.snapshot
+    return {
+        "target": report.target,
+        "server": report.server,
+        "used": s.used,
+        "capacity": s.capacity,
+        "max_connections": s.max_connections,
+        "actions": len(report.outcomes),
+        "over_limit": report.decision.over_limit,
+        "duration_s": round(report.duration, 4),
+        "records": report.records,
+    }
+
+
+async def run_once(config: Config, dry_run: bool = False, as_json: bool = False) -> int:
+    """Sweep each target once, concurrently; 1 if any target failed."""
+    audit = AuditLog(config.audit.path)
+    audit.recover()
+    # Fail closed before touching any server: a sweep that cannot record must not act.
+    audit.check_writable()
+    results = await asyncio.gather(
+        *(_one(config, t, audit, dry_run) for t in config.targets), return_exceptions=True
+    )
+    failed = 0
+    out: list[dict[str, Any]] = []
+    for target, result in zip(config.targets, results, strict=True):
+        if isinstance(result, BaseException):
+            if not isinstance(result, TargetError | AuditError):
+                raise result
+            failed += 1
+            print(f"pg-watchdog: {result}", file=sys.stderr)
+            out.append({"target": target.name, "error": str(result)})
+            continue
+        out.append(_summary(result))
+        if not as_json:
+            s = result.snapshot
+            print(
+                f"{target.name} ({result.server}): {s.used}/{s.capacity} ordinary slots used, "
+                f"{len(result.outcomes)} actions"
+                + (
+                    f", {result.decision.over_limit} left for the next sweep"
+                    if result.decision.over_limit
+                    else ""
+                )
+                + f" in {format_duration(result.duration)}"
+            )
+            if result.records:
+                write_table(result.records, sys.stdout)
+    if as_json:
+        print(json.dumps({"targets": out}, ensure_ascii=False, indent=2))
+    return 1 if failed else 0

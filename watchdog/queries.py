@@ -1,0 +1,74 @@
+"""Every SQL statement pg-watchdog runs, in one place so a DBA can read exactly what it does.
+
+Values always travel as parameters; nothing from the config or from a session
+is ever formatted into SQL text.
+"""
+
+# One statement per sweep: the sessions, the server's clock and its slot limits.
+# now() is the statement's start, the same instant pg_stat_activity is read.
+SNAPSHOT = """
+SELECT s.now, s.own_pid, s.version_num, s.max_connections, s.su_reserved, s.reserved,
+       a.pid, a.backend_type, a.backend_start, a.usename, r.rolsuper, a.datname,
+       a.application_name, host(a.client_addr) AS client_addr, a.state, a.state_change,
+       a.xact_start, a.query_start, a.query, a.leader_pid
+FROM (SELECT now() AS now,
+             pg_backend_pid() AS own_pid,
+             current_setting('server_version_num')::int AS version_num,
+             current_setting('max_connections')::int AS max_connections,
+             current_setting('superuser_reserved_connections')::int AS su_reserved,
+             coalesce(current_setting('reserved_connections', true), '0')::int AS reserved) s
+LEFT JOIN pg_stat_activity a ON true
+LEFT JOIN pg_roles r ON r.oid = a.usesysid
+"""
+
+# The race-safe action, for a whole batch in one statement. A backend is signalled
+# only if, in this statement's view, it is the same session (pid, backend_start)
+# still in the same state since the same state_change. CASE evaluates the
+# signalling branch only for rows whose verdict is 'signal'.
+ACT = """
+WITH v AS (
+    SELECT * FROM unnest($1::int[], $2::timestamptz[], $3::text[], $4::timestamptz[], $5::text[])
+        AS v(pid, backend_start, state, state_change, action)
+), me AS (
+    SELECT oid, rolsuper,
+           pg_has_role(oid, 'pg_signal_backend', 'USAGE') AS can_signal
+    FROM pg_roles WHERE rolname = current_user
+), judged AS (
+    SELECT v.pid, v.action,
+           CASE
+             WHEN a.pid IS NULL OR a.backend_start IS DISTINCT FROM v.backend_start THEN 'gone'
+             WHEN a.state IS DISTINCT FROM v.state
+               OR a.state_change IS DISTINCT FROM v.state_change THEN 'changed'
+             WHEN r.rolsuper AND NOT me.rolsuper THEN 'denied_superuser'
+             WHEN NOT me.rolsuper AND NOT me.can_signal AND a.usesysid IS DISTINCT FROM me.oid
+               THEN 'denied'
+             ELSE 'signal'
+           END AS verdict
+    FROM v CROSS JOIN me
+    LEFT JOIN pg_stat_activity a ON a.pid = v.pid
+    LEFT JOIN pg_roles r ON r.oid = a.usesysid
+)
+SELECT pid, verdict,
+       CASE WHEN verdict <> 'signal' THEN NULL
+            WHEN action = 'cancel' THEN pg_cancel_backend(pid)
+            ELSE pg_terminate_backend(pid)
+       END AS signalled
+FROM judged
+"""
+
+# Which of a batch of terminated backends are still there (one look for the batch).
+STILL_THERE = """
+SELECT pid FROM pg_stat_activity
+WHERE pid = ANY($1::int[]) AND backend_start = ANY($2::timestamptz[])
+"""
+
+# Where the watchdog is connected, for the audit record's `server` field.
+SERVER_ADDR = """
+SELECT coalesce(host(inet_server_addr()), current_setting('unix_socket_directories'))
+       || ':' || current_setting('port')
+"""
+
+# High availability: one watchdog acts per server. The key is a fixed constant
+# ('pgwd' in ASCII) so every instance contends for the same lock.
+LEADER_KEY = 0x70677764
+TRY_LEAD = "SELECT pg_try_advisory_lock($1::bigint)"

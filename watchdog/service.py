@@ -1,0 +1,240 @@
+"""`pg-watchdog run`: the scheduler, signals, reload and systemd notifications.
+
+Signal handlers only set events; the main coroutine acts on them. SIGTERM
+pauses the scheduler, waits for the sweeps in flight, and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from datetime import UTC, datetime, timedelta
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from watchdog.alerts import Alerts
+from watchdog.audit import AuditError, AuditLog
+from watchdog.config import Config, load_config
+from watchdog.connect import TargetError
+from watchdog.metrics import Metrics
+from watchdog.notify import Notifier
+from watchdog.runner import SWEEP_TIMEOUT, TargetRunner
+from watchdog.sweep import SweepReport
+from watchdog.yamlpos import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Punctual kills: sweep again just after the next session crosses its threshold,
+# but never more often than FLOOR.
+FLOOR = 0.25
+MARGIN = 0.02
+
+
+class Service:
+    """The running watchdog: one scheduled job per target."""
+
+    def __init__(self, config: Config, path: str, dry_run: bool) -> None:
+        self.config = config
+        self.path = path
+        self.dry_run = dry_run
+        self.audit = AuditLog(config.audit.path)
+        self.alerts = Alerts(config)
+        self.metrics = Metrics(config)
+        self.notifier = Notifier.from_env()
+        self.runners: dict[str, TargetRunner] = {t.name: TargetRunner(t) for t in config.targets}
+        self.scheduler = AsyncIOScheduler(timezone=UTC)
+        self.stop = asyncio.Event()
+        self.reload = asyncio.Event()
+        self.inflight: set[asyncio.Task[None]] = set()
+        self.last_done: dict[str, float] = {}
+        self.troubled: dict[str, str] = {}
+
+    # -- scheduling ------------------------------------------------------------
+
+    def _schedule(self, name: str) -> None:
+        target = self.config.target(name)
+        self.last_done[name] = time.monotonic()
+        self.scheduler.add_job(
+            self._job,
+            "interval",
+            seconds=target.interval,
+            args=[name],
+            id=name,
+            next_run_time=datetime.now(UTC),
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+            replace_existing=True,
+        )
+
+    async def _job(self, name: str) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.inflight.add(task)
+        try:
+            await self._sweep(name)
+        finally:
+            self.inflight.discard(task)
+            self.last_done[name] = time.monotonic()
+
+    async def _sweep(self, name: str) -> None:
+        runner = self.runners.get(name)
+        if runner is None or self.stop.is_set():
+            return
+        started = time.monotonic()
+        self.alerts.checkin(name, "in_progress")
+        try:
+            report = await runner.sweep(self.config, self.audit, self.dry_run)
+        except AuditError as exc:
+            self._trouble(
+                "audit", str(exc), name, "nothing will be signalled until it can be written"
+            )
+            self.alerts.checkin(name, "error", time.monotonic() - started)
+        except TargetError as exc:
+            self._trouble("unreachable", str(exc), name)
+            self.alerts.checkin(name, "error", time.monotonic() - started)
+        except Exception:
+            log.exception("%s: sweep failed unexpectedly", name)
+            self.alerts.checkin(name, "error", time.monotonic() - started)
+        else:
+            self._recovered(name)
+            self.alerts.swept(report)
+            self.metrics.swept(report)
+            self.alerts.checkin(name, "ok", report.duration)
+            self._next(name, started, report)
+        finally:
+            self.metrics.target_up(name, runner.up, runner.leader)
+
+    def _next(self, name: str, started: float, report: SweepReport) -> None:
+        due = report.decision.next_due
+        interval = self.config.target(name).interval
+        if report.decision.over_limit:
+            due = 0.0  # more victims wait: come back as soon as the floor allows
+        if due is None or due + MARGIN >= interval:
+            return
+        delay = max(due + MARGIN, started + FLOOR - time.monotonic(), 0.0)
+        job = self.scheduler.get_job(name)
+        if job is not None:
+            job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=delay))
+
+    def _trouble(self, kind: str, message: str, target: str, more: str = "") -> None:
+        key = f"{target}:{kind}"
+        line = f"{message}; {more}" if more else message
+        if self.troubled.get(key) != message:
+            self.troubled[key] = message
+            self.alerts.trouble(kind, line, target)
+        else:
+            log.warning("%s", line)
+
+    def _recovered(self, name: str) -> None:
+        for key in [k for k in self.troubled if k.startswith(f"{name}:")]:
+            log.info("%s: recovered (%s)", name, key.split(":", 1)[1])
+            del self.troubled[key]
+
+    # -- health, reload, shutdown ------------------------------------------------
+
+    def healthy(self) -> bool:
+        """Whether every target's sweeps keep completing (successfully or not)."""
+        now = time.monotonic()
+        return all(
+            now - self.last_done.get(t.name, now)
+            < max(3 * t.interval, t.interval + SWEEP_TIMEOUT + 5)
+            for t in self.config.targets
+        )
+
+    async def _pinger(self, period: float) -> None:
+        while True:
+            await asyncio.sleep(period)
+            if self.healthy():
+                self.notifier.watchdog()
+            else:
+                log.error("sweeps are not completing; withholding the systemd watchdog ping")
+
+    async def _apply_reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            new = load_config(self.path)
+        except ConfigError as exc:
+            log.error("reload rejected, keeping the running policies: %s", exc)
+            self.alerts.trouble("reload", f"reload rejected: {exc}")
+            self.notifier.ready(status="reload rejected; running the previous policies")
+            return
+        old_targets = {t.name: t for t in self.config.targets}
+        self.config = new
+        self.audit = AuditLog(new.audit.path)
+        self.alerts.configure(new)
+        for name, old in old_targets.items():
+            if new_t := next((t for t in new.targets if t.name == name), None):
+                if new_t == old:
+                    continue
+            self.scheduler.remove_job(name)
+            runner = self.runners.pop(name)
+            await runner.close()
+        for t in new.targets:
+            if t.name not in self.runners:
+                self.runners[t.name] = TargetRunner(t)
+                self._schedule(t.name)
+        log.info(
+            "reloaded %s: %d targets, %d policies%s",
+            self.path,
+            len(new.targets),
+            len(new.policies),
+            " (dry run)" if new.dry_run or self.dry_run else "",
+        )
+        self.notifier.ready(status=self._status())
+
+    def _status(self) -> str:
+        mode = "dry run" if self.dry_run or self.config.dry_run else "acting"
+        return f"watching {len(self.config.targets)} targets ({mode})"
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT; 0 on a clean stop."""
+        self.audit.recover()
+        self.audit.check_writable()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload.set)
+        self.metrics.start()
+        self.scheduler.start()
+        for t in self.config.targets:
+            self._schedule(t.name)
+        self.notifier.ready(status=self._status())
+        log.info("started: %s, policies from %s", self._status(), self.path)
+        period = self.notifier.watchdog_period()
+        pinger = asyncio.create_task(self._pinger(period)) if period else None
+        try:
+            while not self.stop.is_set():
+                waiter = asyncio.create_task(self.reload.wait())
+                stopper = asyncio.create_task(self.stop.wait())
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stopper.cancel()
+                if self.reload.is_set() and not self.stop.is_set():
+                    self.reload.clear()
+                    await self._apply_reload()
+        finally:
+            await self._shutdown(pinger)
+        return 0
+
+    async def _shutdown(self, pinger: asyncio.Task[None] | None) -> None:
+        self.notifier.stopping()
+        log.info("stopping: finishing %d sweeps in flight", len(self.inflight))
+        self.scheduler.pause()
+        if self.inflight:
+            await asyncio.wait(set(self.inflight), timeout=SWEEP_TIMEOUT + 5)
+        self.scheduler.shutdown(wait=False)
+        if pinger is not None:
+            pinger.cancel()
+        for runner in self.runners.values():
+            await runner.close()
+        self.metrics.close()
+        self.alerts.close()
+        log.info("stopped")
+
+
+async def run_service(config: Config, path: str, dry_run: bool = False) -> int:
+    """Entry point of `pg-watchdog run`."""
+    return await Service(config, path, dry_run).run()

@@ -1,0 +1,100 @@
+"""One sweep of one target: look, decide, write ahead, act, record."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from watchdog.act import dry_outcomes, execute
+from watchdog.audit import AuditLog, make_record
+from watchdog.config import Config, Target
+from watchdog.connect import STATEMENT_TIMEOUT
+from watchdog.decide import decide
+from watchdog.model import Decision, Outcome, Snapshot
+from watchdog.snapshot import take_snapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepReport:
+    """What one sweep saw and did."""
+
+    target: str
+    server: str
+    snapshot: Snapshot
+    decision: Decision
+    leader: bool
+    outcomes: list[Outcome] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    duration: float = 0.0
+
+
+async def sweep_target(
+    conn: Any,
+    server: str,
+    config: Config,
+    target: Target,
+    audit: AuditLog,
+    *,
+    dry_run: bool = False,
+    leader: bool = True,
+) -> SweepReport:
+    """Run one sweep; AuditError means nothing was signalled (or the records are pending)."""
+    started = time.monotonic()
+    snapshot = await take_snapshot(conn, timeout=STATEMENT_TIMEOUT)
+    decision = decide(snapshot, config, target.name, dry_run=dry_run)
+    report = SweepReport(target.name, server, snapshot, decision, leader)
+    if not leader or not decision.actions:
+        report.duration = time.monotonic() - started
+        return report
+
+    sweep = uuid.uuid4().hex[:16]
+    live = [a for a in decision.actions if not a.dry_run]
+    outcomes = dry_outcomes([a for a in decision.actions if a.dry_run])
+
+    def records(items: list[Outcome]) -> list[dict[str, Any]]:
+        return [
+            make_record(o, server=server, sweep=sweep, query_mode=config.audit.query) for o in items
+        ]
+
+    if live:
+        # Write-ahead: no signal leaves before its intent is on disk.
+        audit.flush_backlog()
+        audit.write_intents(records([Outcome(a, "intent") for a in live]))
+        try:
+            outcomes += await execute(conn, live, timeout=STATEMENT_TIMEOUT)
+        except BaseException:
+            # Cancelled mid-statement (timeout, shutdown): signals may have gone out.
+            why = "sweep interrupted while signalling; outcome not confirmed"
+            audit.append(records([Outcome(a, "unconfirmed", why) for a in live]))
+            raise
+    report.outcomes = outcomes
+    report.records = records(outcomes)
+    audit.append(report.records)
+    report.duration = time.monotonic() - started
+    for o in outcomes:
+        log.info(
+            "%s: %s pid %d (user %s, app %r, db %s, %s for %.1fs, policy %s)%s",
+            target.name,
+            o.outcome,
+            o.action.session.pid,
+            o.action.session.usename,
+            o.action.session.application_name,
+            o.action.session.datname,
+            o.action.session.state,
+            o.action.age_s,
+            o.action.policy,
+            f": {o.error}" if o.error else "",
+        )
+    if decision.over_limit:
+        log.warning(
+            "%s: %d more sessions matched beyond limits.max_per_sweep=%d; next sweep",
+            target.name,
+            decision.over_limit,
+            config.limits.max_per_sweep,
+        )
+    return report

@@ -1,0 +1,150 @@
+"""YAML loading that keeps every node's file position, with ${VAR} expansion.
+
+The policy file decides which production sessions get killed, so every error
+must point at the exact spot: this module turns PyYAML's node graph into
+:class:`YNode` trees that remember line, column and key path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A problem in the policy file, rendered as ``FILE:LINE:COL: key.path: message``."""
+
+    def __init__(self, file: str, line: int, col: int, path: str, message: str) -> None:
+        self.file, self.line, self.col, self.path, self.message = file, line, col, path, message
+        where = f"{file}:{line}:{col}: "
+        super().__init__(where + (f"{path}: {message}" if path else message))
+
+
+@dataclass(frozen=True)
+class YNode:
+    """A YAML value with its position: ``value`` is a dict, a list or a plain scalar."""
+
+    value: Any
+    file: str
+    line: int
+    col: int
+    path: str
+    # Positions of mapping keys, so an unknown key is reported where it is written.
+    key_marks: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def error(self, message: str, key: str | None = None) -> ConfigError:
+        """A ConfigError at this node (or at one of its keys)."""
+        if key is not None:
+            line, col = self.key_marks.get(key, (self.line, self.col))
+            return ConfigError(self.file, line, col, join_path(self.path, key), message)
+        return ConfigError(self.file, self.line, self.col, self.path, message)
+
+
+def join_path(base: str, key: str | int) -> str:
+    """The key path of a child: ``policies[1].longer_than``."""
+    if isinstance(key, int):
+        return f"{base}[{key}]"
+    return f"{base}.{key}" if base else key
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str, environ: Mapping[str, str]) -> str:
+    """Expand ``${VAR}`` and ``${VAR:-default}``; KeyError names a variable that is unset."""
+
+    def repl(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        value = environ.get(name)
+        if default is not None and not value:
+            return default
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    return _VAR.sub(repl, text)
+
+
+class _Builder:
+    def __init__(self, file: str, environ: Mapping[str, str]) -> None:
+        self.file = file
+        self.environ = environ
+        self.loader = yaml.SafeLoader("")
+
+    def build(self, node: yaml.Node, path: str) -> YNode:
+        line, col = node.start_mark.line + 1, node.start_mark.column + 1
+        if isinstance(node, yaml.MappingNode):
+            values: dict[str, YNode] = {}
+            marks: dict[str, tuple[int, int]] = {}
+            for key_node, value_node in node.value:
+                kline, kcol = key_node.start_mark.line + 1, key_node.start_mark.column + 1
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise ConfigError(self.file, kline, kcol, path, "keys must be plain names")
+                key = str(key_node.value)
+                if key in values:
+                    raise ConfigError(self.file, kline, kcol, join_path(path, key), "duplicate key")
+                marks[key] = (kline, kcol)
+                values[key] = self.build(value_node, join_path(path, key))
+            return YNode(values, self.file, line, col, path, marks)
+        if isinstance(node, yaml.SequenceNode):
+            items = [self.build(item, join_path(path, i)) for i, item in enumerate(node.value)]
+            return YNode(items, self.file, line, col, path)
+        assert isinstance(node, yaml.ScalarNode)
+        return YNode(self.scalar(node, line, col, path), self.file, line, col, path)
+
+    def scalar(self, node: yaml.ScalarNode, line: int, col: int, path: str) -> Any:
+        try:
+            value = self.loader.construct_object(node, deep=True)
+        except yaml.YAMLError as exc:
+            raise ConfigError(self.file, line, col, path, _yaml_problem(exc)) from None
+        if not isinstance(value, str) or "${" not in value:
+            return value
+        try:
+            expanded = expand_env(value, self.environ)
+        except KeyError as exc:
+            raise ConfigError(
+                self.file,
+                line,
+                col,
+                path,
+                f"environment variable {exc.args[0]} is not set "
+                f"(set it, or write ${{{exc.args[0]}:-default}})",
+            ) from None
+        if node.style is None:
+            # An unquoted ${VAR} takes the type its value reads as: `dry_run: ${DRY:-false}`.
+            tag = self.loader.resolve(yaml.ScalarNode, expanded, (True, False))  # type: ignore[no-untyped-call]
+            if tag != "tag:yaml.org,2002:str":
+                resolved = yaml.ScalarNode(tag, expanded, node.start_mark, node.end_mark)
+                try:
+                    return self.loader.construct_object(resolved, deep=True)
+                except yaml.YAMLError:
+                    return expanded
+        return expanded
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    text = f"{context}: {problem}" if context else str(problem)
+    return f"invalid YAML: {text}"
+
+
+def load_yaml(text: str, file: str, environ: Mapping[str, str] | None = None) -> YNode:
+    """Parse one YAML document into a :class:`YNode` tree; ConfigError on any problem."""
+    env = os.environ if environ is None else environ
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        raise ConfigError(file, line, col, "", _yaml_problem(exc)) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(file, 1, 1, "", _yaml_problem(exc)) from None
+    if node is None:
+        raise ConfigError(file, 1, 1, "", "the file is empty")
+    return _Builder(file, env).build(node, "")
