@@ -19,6 +19,7 @@ from watchdog.yamlfields import (
     cidr_list,
     duration,
     ident,
+    kind,
     list_of,
     mapping,
     opt,
@@ -216,6 +217,9 @@ def _policy(node: YNode, target_names: set[str]) -> Policy:
     targets: tuple[str, ...] | None = None
     if "targets" in f:
         targets = list_of(f["targets"], string)
+        if not targets:
+            # An empty list would silently make the policy act nowhere.
+            raise f["targets"].error("must name at least one target (leave it out for all targets)")
         for i, t in enumerate(targets):
             if t not in target_names:
                 item = (
@@ -301,6 +305,10 @@ _TOP_KEYS = ("dry_run", "targets", "exclude", "policies", "limits", "audit", "al
 
 def parse_config(root: YNode, source: str) -> Config:
     """Validate a parsed policy file into a :class:`Config`."""
+    if not isinstance(root.value, dict):
+        raise root.error(
+            f"the policy file must be a mapping (targets:, policies:, ...), not {kind(root.value)}"
+        )
     f = mapping(root, _TOP_KEYS, ("targets", "policies"))
     target_nodes = f["targets"]
     targets = list_of(target_nodes, _target, allow_scalar=False)

@@ -83,6 +83,12 @@ def describe_error(target: Target, exc: BaseException) -> str:
     """One safe line about why ``target`` failed."""
     if isinstance(exc, TimeoutError):
         reason = "timed out"
+    elif isinstance(exc, asyncpg.TooManyConnectionsError):
+        reason = (
+            f"server full, no slot for the watchdog ({exc}); on PostgreSQL 16+ set "
+            "reserved_connections and GRANT pg_use_reserved_connections to the watchdog role; "
+            "on 15 keep pg-watchdog running so its connection is already held when the server fills"
+        )
     elif isinstance(exc, OSError) and exc.strerror:
         reason = exc.strerror
     else:

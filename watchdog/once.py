@@ -10,8 +10,8 @@ from typing import Any
 from watchdog.audit import AuditError, AuditLog
 from watchdog.config import Config, Target
 from watchdog.connect import TargetError, connect, describe_error, server_address
-from watchdog.sweep import SweepReport, sweep_target
 from watchdog.review_render import write_table
+from watchdog.sweep import SweepReport, sweep_target
 from watchdog.units import format_duration
 
 

@@ -72,3 +72,16 @@ SELECT coalesce(host(inet_server_addr()), current_setting('unix_socket_directori
 # ('pgwd' in ASCII) so every instance contends for the same lock.
 LEADER_KEY = 0x70677764
 TRY_LEAD = "SELECT pg_try_advisory_lock($1::bigint)"
+
+# `check --connect`: the connected role's privileges and the server's slot settings.
+# pg_use_reserved_connections exists on 16+ only; looked up by name, NULL on 15.
+CHECK_ROLE = """
+SELECT current_user AS role, r.rolsuper,
+       current_setting('server_version') AS server_version,
+       current_setting('server_version_num')::int AS version_num,
+       pg_has_role(current_user, 'pg_read_all_stats', 'USAGE') AS read_all_stats,
+       pg_has_role(current_user, 'pg_signal_backend', 'USAGE') AS signal_backend,
+       (SELECT pg_has_role(current_user, u.oid, 'USAGE') FROM pg_roles u
+         WHERE u.rolname = 'pg_use_reserved_connections') AS use_reserved
+FROM pg_roles r WHERE r.rolname = current_user
+"""

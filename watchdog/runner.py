@@ -18,9 +18,15 @@ log = logging.getLogger(__name__)
 
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
-# A sweep is one snapshot, one action statement and a short confirmation; anything
-# longer means the server or the network hangs, and the connection is dropped.
-SWEEP_TIMEOUT = 20.0
+
+
+def sweep_timeout(interval: float) -> float:
+    """How long a sweep may take before the server is deemed hung and the connection dropped.
+
+    A sweep is one snapshot, one action statement and a short confirmation:
+    milliseconds normally. Two intervals, within 5-20 s.
+    """
+    return min(max(2 * interval, 5.0), 20.0)
 
 
 class TargetRunner:
@@ -95,7 +101,7 @@ class TargetRunner:
         """Connect if needed, then sweep; TargetError or AuditError on failure."""
         await self._ensure_connected()
         try:
-            async with asyncio.timeout(SWEEP_TIMEOUT):
+            async with asyncio.timeout(sweep_timeout(self.target.interval)):
                 await self._lead()
                 return await sweep_target(
                     self.conn,

@@ -20,7 +20,7 @@ from watchdog.config import Config, load_config
 from watchdog.connect import TargetError
 from watchdog.metrics import Metrics
 from watchdog.notify import Notifier
-from watchdog.runner import SWEEP_TIMEOUT, TargetRunner
+from watchdog.runner import TargetRunner, sweep_timeout
 from watchdog.sweep import SweepReport
 from watchdog.yamlpos import ConfigError
 
@@ -49,6 +49,7 @@ class Service:
         self.reload = asyncio.Event()
         self.inflight: set[asyncio.Task[None]] = set()
         self.last_done: dict[str, float] = {}
+        self.running_since: dict[str, float] = {}
         self.troubled: dict[str, str] = {}
 
     # -- scheduling ------------------------------------------------------------
@@ -73,10 +74,12 @@ class Service:
         task = asyncio.current_task()
         assert task is not None
         self.inflight.add(task)
+        self.running_since[name] = time.monotonic()
         try:
             await self._sweep(name)
         finally:
             self.inflight.discard(task)
+            self.running_since.pop(name, None)
             self.last_done[name] = time.monotonic()
 
     async def _sweep(self, name: str) -> None:
@@ -136,13 +139,20 @@ class Service:
     # -- health, reload, shutdown ------------------------------------------------
 
     def healthy(self) -> bool:
-        """Whether every target's sweeps keep completing (successfully or not)."""
+        """Whether the scheduler keeps running every target's sweeps (successful or not).
+
+        A target that is down is healthy here: its sweeps run and fail fast. What
+        is not: a sweep stuck past its timeout, or no sweep started for two intervals.
+        """
         now = time.monotonic()
-        return all(
-            now - self.last_done.get(t.name, now)
-            < max(3 * t.interval, t.interval + SWEEP_TIMEOUT + 5)
-            for t in self.config.targets
-        )
+        for t in self.config.targets:
+            since = self.running_since.get(t.name)
+            if since is not None:
+                if now - since > sweep_timeout(t.interval) + 5:
+                    return False
+            elif now - self.last_done.get(t.name, now) > 2 * t.interval + 1:
+                return False
+        return True
 
     async def _pinger(self, period: float) -> None:
         while True:
@@ -166,9 +176,8 @@ class Service:
         self.audit = AuditLog(new.audit.path)
         self.alerts.configure(new)
         for name, old in old_targets.items():
-            if new_t := next((t for t in new.targets if t.name == name), None):
-                if new_t == old:
-                    continue
+            if old in new.targets:
+                continue
             self.scheduler.remove_job(name)
             runner = self.runners.pop(name)
             await runner.close()
@@ -221,10 +230,13 @@ class Service:
 
     async def _shutdown(self, pinger: asyncio.Task[None] | None) -> None:
         self.notifier.stopping()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
         log.info("stopping: finishing %d sweeps in flight", len(self.inflight))
         self.scheduler.pause()
         if self.inflight:
-            await asyncio.wait(set(self.inflight), timeout=SWEEP_TIMEOUT + 5)
+            await asyncio.wait(set(self.inflight), timeout=25)
         self.scheduler.shutdown(wait=False)
         if pinger is not None:
             pinger.cancel()

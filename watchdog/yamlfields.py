@@ -6,6 +6,7 @@ import contextlib
 import ipaddress
 import re
 from collections.abc import Callable
+from datetime import date, datetime
 from typing import Any, TypeVar
 
 from watchdog.units import parse_duration, parse_percent
@@ -34,9 +35,18 @@ def mapping(
 def kind(value: Any) -> str:
     if value is None:
         return "empty"
-    return {dict: "a mapping", list: "a list", bool: "a boolean", str: "a string"}.get(
-        type(value), f"a {type(value).__name__}"
-    )
+    names = {
+        dict: "a mapping",
+        list: "a list",
+        bool: "a boolean",
+        str: "a string",
+        int: "a number",
+        float: "a number",
+        date: "a date",
+        datetime: "a date",
+        bytes: "binary data",
+    }
+    return names.get(type(value), f"a {type(value).__name__}")
 
 
 def opt(fields: dict[str, YNode], key: str, read: Callable[[YNode], T], default: T) -> T:
@@ -45,7 +55,8 @@ def opt(fields: dict[str, YNode], key: str, read: Callable[[YNode], T], default:
 
 def boolean(node: YNode) -> bool:
     if not isinstance(node.value, bool):
-        raise node.error(f"must be true or false, not {kind(node.value)} {node.value!r}")
+        shown = "" if node.value is None else f" {node.value!r}"
+        raise node.error(f"must be true or false, not {kind(node.value)}{shown}")
     return node.value
 
 

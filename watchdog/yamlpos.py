@@ -75,9 +75,28 @@ class _Builder:
         self.file = file
         self.environ = environ
         self.loader = yaml.SafeLoader("")
+        # Collections being built, by id, with their key path: an alias to one of them recurses.
+        self.open: dict[int, str] = {}
 
     def build(self, node: yaml.Node, path: str) -> YNode:
         line, col = node.start_mark.line + 1, node.start_mark.column + 1
+        if id(node) in self.open:
+            raise ConfigError(
+                self.file,
+                line,
+                col,
+                self.open[id(node)],
+                "invalid YAML: recursive alias (this node contains an alias to itself)",
+            )
+        if isinstance(node, yaml.ScalarNode):
+            return YNode(self.scalar(node, line, col, path), self.file, line, col, path)
+        self.open[id(node)] = path
+        try:
+            return self.collection(node, path, line, col)
+        finally:
+            del self.open[id(node)]
+
+    def collection(self, node: yaml.Node, path: str, line: int, col: int) -> YNode:
         if isinstance(node, yaml.MappingNode):
             values: dict[str, YNode] = {}
             marks: dict[str, tuple[int, int]] = {}
@@ -94,14 +113,23 @@ class _Builder:
         if isinstance(node, yaml.SequenceNode):
             items = [self.build(item, join_path(path, i)) for i, item in enumerate(node.value)]
             return YNode(items, self.file, line, col, path)
-        assert isinstance(node, yaml.ScalarNode)
-        return YNode(self.scalar(node, line, col, path), self.file, line, col, path)
+        raise AssertionError(f"unexpected YAML node {node!r}")
 
     def scalar(self, node: yaml.ScalarNode, line: int, col: int, path: str) -> Any:
         try:
             value = self.loader.construct_object(node, deep=True)
         except yaml.YAMLError as exc:
             raise ConfigError(self.file, line, col, path, _yaml_problem(exc)) from None
+        except (ValueError, TypeError, OverflowError) as exc:
+            # e.g. `2024-13-45` resolves as a timestamp, `!!int abc`: PyYAML lets these escape.
+            raise ConfigError(
+                self.file,
+                line,
+                col,
+                path,
+                f"invalid YAML: cannot read {node.value!r} as {node.tag.rsplit(':', 1)[-1]}: {exc}"
+                " (quote it if it is text)",
+            ) from None
         if not isinstance(value, str) or "${" not in value:
             return value
         try:
@@ -122,7 +150,7 @@ class _Builder:
                 resolved = yaml.ScalarNode(tag, expanded, node.start_mark, node.end_mark)
                 try:
                     return self.loader.construct_object(resolved, deep=True)
-                except yaml.YAMLError:
+                except (yaml.YAMLError, ValueError, TypeError, OverflowError):
                     return expanded
         return expanded
 
@@ -131,6 +159,12 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
     context = getattr(exc, "context", None)
     text = f"{context}: {problem}" if context else str(problem)
+    start, at = getattr(exc, "context_mark", None), getattr(exc, "problem_mark", None)
+    if context and context.startswith("while") and start and at and start.line != at.line:
+        # An unclosed bracket or quote is reported where the parser gave up: say where it opened.
+        text += f" (started at line {start.line + 1}, column {start.column + 1})"
+    if "'\\t'" in text:
+        text += " (indent with spaces, not tabs)"
     return f"invalid YAML: {text}"
 
 

@@ -1,0 +1,86 @@
+"""Shared fixtures: real throwaway PostgreSQL clusters (never a mock of the database).
+
+``pg`` is one module-scoped cluster per major (ids ``pg15``, ``pg18``); set
+``PG_WATCHDOG_TEST_MAJORS=15`` (or ``15,18``) to restrict the majors. A cluster that cannot
+start fails the test with the ClusterError message; it is never skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from watchdog.tempcluster import ClusterError, TempCluster, find_bindir, run_as_user, start_cluster
+
+DEFAULT_MAJORS = (15, 18)
+
+
+def selected_majors() -> list[int]:
+    """Majors under test, from $PG_WATCHDOG_TEST_MAJORS (default 15,18)."""
+    raw = os.environ.get("PG_WATCHDOG_TEST_MAJORS", "").strip()
+    if not raw:
+        return list(DEFAULT_MAJORS)
+    try:
+        return [int(part) for part in raw.split(",") if part.strip()]
+    except ValueError:
+        raise pytest.UsageError(f"bad PG_WATCHDOG_TEST_MAJORS={raw!r} (want e.g. 15,18)") from None
+
+
+MAJORS = selected_majors()
+
+
+def pytest_report_header() -> list[str]:
+    lines = []
+    for major in MAJORS:
+        try:
+            lines.append(f"PostgreSQL {major}: {find_bindir(major)}")
+        except ClusterError as exc:
+            lines.append(f"PostgreSQL {major}: MISSING ({exc})")
+    return [*lines, f"PostgreSQL runs as OS user: {run_as_user() or 'current user'}"]
+
+
+def _start(major: int, max_connections: int = 30, settings: Mapping[str, str] | None = None,
+           base_dir: Path | None = None) -> TempCluster:
+    try:
+        return start_cluster(major, max_connections=max_connections, settings=settings,
+                             base_dir=base_dir)
+    except ClusterError as exc:
+        error = str(exc)
+    pytest.fail(f"PostgreSQL {major} cluster did not start: {error}", pytrace=False)
+
+
+@pytest.fixture(scope="module", params=MAJORS, ids=[f"pg{m}" for m in MAJORS])
+def pg(request: pytest.FixtureRequest) -> Iterator[TempCluster]:
+    """A started cluster (max_connections=30) shared by the tests of one module."""
+    cluster = _start(request.param, max_connections=30)
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+MakeCluster = Callable[..., TempCluster]
+
+
+@pytest.fixture
+def make_cluster() -> Iterator[MakeCluster]:
+    """Factory for extra clusters, cleaned up at teardown:
+    ``make_cluster(pg.major, max_connections=8, settings={"reserved_connections": "2"})``."""
+    clusters: list[TempCluster] = []
+
+    def factory(major: int, *, max_connections: int = 30,
+                settings: Mapping[str, str] | None = None,
+                base_dir: Path | None = None) -> TempCluster:
+        cluster = _start(major, max_connections=max_connections, settings=settings,
+                         base_dir=base_dir)
+        clusters.append(cluster)
+        return cluster
+
+    try:
+        yield factory
+    finally:
+        for cluster in reversed(clusters):
+            cluster.cleanup()
