@@ -171,10 +171,17 @@ def test_parse_duration_hms_roundtrip(h: int, m: int, s: int) -> None:
 UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1, "ms": 0.001}
 
 
-@given(st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(sorted(UNITS))), min_size=1))
-def test_parse_duration_sums_its_parts(parts: list[tuple[int, str]]) -> None:
-    text = "".join(f"{n}{unit}" for n, unit in parts)
-    assert parse_duration(text) == pytest.approx(sum(n * UNITS[u] for n, u in parts))
+@given(st.dictionaries(st.sampled_from(sorted(UNITS)), st.integers(0, 10**6), min_size=1))
+def test_parse_duration_sums_its_parts(parts: dict[str, int]) -> None:
+    ordered = sorted(parts.items(), key=lambda p: -UNITS[p[0]])  # largest unit first
+    text = "".join(f"{n}{unit}" for unit, n in ordered)
+    assert parse_duration(text) == pytest.approx(sum(n * UNITS[u] for u, n in ordered))
+
+
+@pytest.mark.parametrize("text", ["30m1h", "1m1m", "5s2m", "10ms1s"])
+def test_parse_duration_rejects_units_out_of_order_or_repeated(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a duration"):
+        parse_duration(text)
 
 
 @given(st.integers(min_value=1, max_value=10 * 86400))
@@ -305,7 +312,10 @@ def test_every_state_is_accepted(tmp_path: Path, state: str) -> None:
 def test_measured_from(tmp_path: Path, measured_from: str) -> None:
     cfg = load(
         tmp_path,
-        with_policy(f"    state: idle\n    longer_than: 1h\n    measured_from: {measured_from}\n"),
+        with_policy(
+            "    state: idle in transaction\n    longer_than: 1h\n"
+            f"    measured_from: {measured_from}\n"
+        ),
     )
     assert cfg.policies[0].measured_from == measured_from
 

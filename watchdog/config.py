@@ -190,6 +190,7 @@ def _when(node: YNode) -> float:
     return percent(f["connections_above"])
 
 
+_RUNNING = {"active", "fastpath function call"}
 _POLICY_KEYS = (
     "name",
     "state",
@@ -228,12 +229,24 @@ def _policy(node: YNode, target_names: set[str]) -> Policy:
                 raise item.error(
                     f"unknown target {t!r} (targets: {', '.join(sorted(target_names))})"
                 )
+    action = opt(f, "action", choice(ACTIONS), "terminate")
+    if action == "cancel" and not set(states) <= _RUNNING:
+        # pg_cancel_backend only stops a running query: on a waiting session it does nothing.
+        raise f["action"].error(
+            "cancel only stops a running query; with idle states use terminate "
+            "(or state: active)"
+        )
+    measured_from = opt(f, "measured_from", choice(MEASURED_FROM), "state_change")
+    if measured_from == "xact_start" and "idle" in states:
+        raise f["measured_from"].error(
+            "an idle session has no open transaction, so xact_start never matches it"
+        )
     return Policy(
         name=name,
         states=frozenset(states),
         longer_than=duration(f["longer_than"]),
-        action=opt(f, "action", choice(ACTIONS), "terminate"),
-        measured_from=opt(f, "measured_from", choice(MEASURED_FROM), "state_change"),
+        action=action,
+        measured_from=measured_from,
         users=opt(f, "users", str_list, ()),
         applications=opt(f, "applications", str_list, ()),
         databases=opt(f, "databases", str_list, ()),

@@ -31,10 +31,10 @@ from watchdog.review_render import (
     write_json_lines,
     write_table,
 )
+from watchdog.units import parse_duration
 
 OUTCOMES: tuple[str, ...] = ("terminated", "cancelled", "would_terminate", "would_cancel")
 OUTCOMES += ("skipped_changed", "gone", "failed", "unconfirmed")
-_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?")
 # logrotate names: PATH.1, PATH.2.gz (higher is older) or, with dateext, PATH-20261125.gz.
 _ROTATED = r"(?:\.(\d+)|-(\d{8,}))(\.gz|\.bz2|\.xz)?"
 _TORN_RETRIES = 8
@@ -84,18 +84,15 @@ def parse_when(text: str, now: datetime) -> datetime:
     stripped = text.strip()
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
-    match = _DURATION.fullmatch(stripped)
-    try:
-        if stripped.lower() == "now":
-            return now.astimezone(UTC)
-        if match and any(match.groups()):
-            days, hours, minutes, seconds, millis = (int(g or 0) for g in match.groups())
-            ago = timedelta(
-                days=days, hours=hours, minutes=minutes, seconds=seconds, milliseconds=millis
-            )
-            return (now - ago).astimezone(UTC)
-    except OverflowError:
-        raise ValueError(f"{text!r} reaches too far into the past") from None
+    if stripped.lower() == "now":
+        return now.astimezone(UTC)
+    # The same durations as the policy file.
+    with contextlib.suppress(ValueError):
+        seconds = parse_duration(stripped)
+        try:
+            return (now - timedelta(seconds=seconds)).astimezone(UTC)
+        except OverflowError:
+            raise ValueError(f"{text!r} reaches too far into the past") from None
     try:
         when = datetime.fromisoformat(stripped)
         if when.tzinfo is None:

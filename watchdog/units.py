@@ -14,11 +14,14 @@ def parse_duration(text: str) -> float:
     s = text.strip()
     pos = 0
     total = 0.0
+    last = float("inf")
     while pos < len(s):
         m = _DURATION_PART.match(s, pos)
-        if m is None:
+        # Units go from the largest to the smallest, each once: "30m1h" is a typo.
+        if m is None or _UNIT_SECONDS[m.group(2)] >= last:
             raise ValueError(f"{text!r} is not a duration (e.g. 30s, 10m, 1h30m)")
-        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+        last = _UNIT_SECONDS[m.group(2)]
+        total += float(m.group(1)) * last
         pos = m.end()
     if not s:
         raise ValueError(f"{text!r} is not a duration (e.g. 30s, 10m, 1h30m)")
