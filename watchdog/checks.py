@@ -1,0 +1,197 @@
+"""`pg-watchdog check --connect`: can the watchdog do its job on each target?
+
+Each target gets one line per check, ``ok``, ``FAIL`` (a required privilege or the server
+itself is missing: exit 1) or ``warn`` (works, but a DBA should know). A FAIL line names the
+GRANT that fixes it. Nothing printed comes from the DSN, so no password can leak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from watchdog import queries
+from watchdog.config import Config, Target
+from watchdog.connect import STATEMENT_TIMEOUT, TargetError, connect, describe_error, server_address
+from watchdog.model import CLIENT_BACKEND, Snapshot
+from watchdog.review_render import fit
+from watchdog.snapshot import take_snapshot
+
+SUPPORTED_MAJORS = range(15, 19)
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+_PLAIN_IDENT = re.compile(r"[a-z_][a-z0-9_$]*")
+
+
+@dataclass(frozen=True)
+class Check:
+    """The result of one check."""
+
+    level: str  # ok | warn | FAIL
+    text: str
+
+
+def quote_ident(name: str) -> str:
+    """``name`` as an SQL identifier, ready to paste into a GRANT."""
+    if _PLAIN_IDENT.fullmatch(name):
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _version(row: Any) -> Check:
+    num: int = row["version_num"]
+    text = f"server is PostgreSQL {row['server_version']}"
+    if num // 10000 in SUPPORTED_MAJORS:
+        return Check(OK, f"{text} (supported: 15 to 18)")
+    if num // 10000 > SUPPORTED_MAJORS[-1]:
+        return Check(WARN, f"{text}: newer than the supported 15 to 18, untested")
+    return Check(FAIL, f"{text}: not supported (PostgreSQL 15 to 18 are)")
+
+
+def _role(row: Any, role: str) -> Check:
+    if row["rolsuper"]:
+        return Check(
+            WARN,
+            f"connected as {role}, a superuser: least privilege is a role such as watchdog with"
+            " GRANT pg_monitor, pg_signal_backend TO watchdog;",
+        )
+    return Check(OK, f"connected as role {role} (not a superuser)")
+
+
+def _visibility(row: Any, role: str) -> Check:
+    if row["rolsuper"] or row["read_all_stats"]:
+        return Check(OK, "can see every session's state and timestamps (pg_read_all_stats)")
+    return Check(
+        FAIL,
+        "cannot see other roles' sessions (state, timestamps read as NULL), so no policy can"
+        f" act on them: GRANT pg_monitor TO {role}; (pg_monitor includes pg_read_all_stats)",
+    )
+
+
+def _signalling(row: Any, role: str, config: Config) -> list[Check]:
+    if row["rolsuper"]:
+        return [Check(OK, "can signal sessions (superuser)")]
+    if not row["signal_backend"]:
+        return [Check(FAIL, f"cannot signal sessions: GRANT pg_signal_backend TO {role};")]
+    checks = [Check(OK, "can signal sessions (pg_signal_backend)")]
+    if config.exclude.superusers:
+        checks.append(
+            Check(
+                OK,
+                "superuser sessions are excluded (exclude.superusers: true); a non-superuser"
+                " role could not signal them anyway",
+            )
+        )
+    else:
+        checks.append(
+            Check(
+                WARN,
+                f"exclude.superusers is false, but {role} is not a superuser and can never"
+                " signal superuser sessions: those terminations will fail"
+                " (set exclude.superusers: true)",
+            )
+        )
+    return checks
+
+
+def _reserved(row: Any, role: str, snapshot: Snapshot) -> Check:
+    su = snapshot.superuser_reserved
+    if row["rolsuper"]:
+        return Check(OK, f"may use the {su} superuser_reserved_connections when the server is full")
+    if snapshot.server_version_num < 160000:
+        return Check(
+            OK,
+            f"PostgreSQL 15 reserves slots for superusers only ({su}); the watchdog relies on"
+            " its held connection to act on a full server",
+        )
+    reserved = snapshot.reserved
+    if not row["use_reserved"]:
+        return Check(
+            WARN,
+            "cannot use reserved connections, so a reconnect to a full server fails:"
+            f" GRANT pg_use_reserved_connections TO {role};",
+        )
+    if reserved <= 0:
+        return Check(
+            WARN,
+            "reserved_connections is 0: a reconnect to a full server fails"
+            " (set reserved_connections = 3 in postgresql.conf)",
+        )
+    return Check(OK, f"can use the {reserved} reserved_connections (pg_use_reserved_connections)")
+
+
+def _headroom(snapshot: Snapshot, config: Config, sees_all: bool) -> Check:
+    used = sum(
+        1
+        for s in snapshot.sessions
+        if s.backend_type == CLIENT_BACKEND and s.pid != snapshot.own_pid
+    )
+    cap = snapshot.capacity
+    text = f"headroom {cap - used}: {used} of {cap} ordinary slots used ({100 * used / cap:.0f}%)"
+    if not sees_all:
+        text += ", approximate (other roles' sessions are not all visible)"
+    limit = config.alerts.connections_above
+    if used >= cap or (limit is not None and used / cap > limit):
+        return Check(WARN, text)
+    return Check(OK, text)
+
+
+def judge(row: Any, server: str, snapshot: Snapshot, config: Config) -> list[Check]:
+    """Every check of one reachable target, from its role row and snapshot."""
+    role = quote_ident(row["role"])
+    sees_all = bool(row["rolsuper"] or row["read_all_stats"])
+    return [
+        Check(OK, f"reachable at {server}"),
+        _version(row),
+        _role(row, role),
+        _visibility(row, role),
+        *_signalling(row, role, config),
+        _reserved(row, role, snapshot),
+        _headroom(snapshot, config, sees_all),
+    ]
+
+
+async def check_target(config: Config, target: Target) -> list[Check]:
+    """Connect to ``target`` and check it; an unreachable target is a single FAIL."""
+    try:
+        conn = await connect(target)
+    except TargetError as exc:
+        reason = str(exc).removeprefix(f"{target.name}: ")
+        return [Check(FAIL, f"cannot connect: {reason}")]
+    try:
+        row = await conn.fetchrow(queries.CHECK_ROLE, timeout=STATEMENT_TIMEOUT)
+        server = await server_address(conn)
+        snapshot = await take_snapshot(conn, timeout=STATEMENT_TIMEOUT)
+    except Exception as exc:
+        reason = describe_error(target, exc).removeprefix(f"{target.name}: ")
+        return [Check(FAIL, f"connected, but the checks failed: {reason}")]
+    finally:
+        with contextlib.suppress(Exception):
+            await conn.close(timeout=2)
+    if row is None:  # current_user not in pg_roles: cannot happen on a sane server
+        return [Check(FAIL, "connected, but the current role is not in pg_roles")]
+    return judge(row, server, snapshot, config)
+
+
+def _show(text: str) -> str:
+    return fit(text, 1000)[0]
+
+
+async def check_targets(config: Config) -> int:
+    """Check every target concurrently, print the results; 1 if any check FAILed."""
+    results = await asyncio.gather(*(check_target(config, t) for t in config.targets))
+    failed: list[str] = []
+    for target, checks in zip(config.targets, results, strict=True):
+        print(f"target {_show(target.name)}")
+        for c in checks:
+            print(f"  {c.level:<4}  {_show(c.text)}")
+        if any(c.level == FAIL for c in checks):
+            failed.append(target.name)
+    sys.stdout.flush()
+    if failed:
+        print(f"pg-watchdog: check failed for {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,292 @@
+"""`pg-watchdog status`: the connection picture of each target, and what the policies will do.
+
+Session values (user names, application names) come from the servers being watched and may
+hold newlines or terminal escapes: text output goes through review_render's escaping, JSON
+through its terminal-safe encoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from watchdog.config import Config, Target
+from watchdog.connect import STATEMENT_TIMEOUT, TargetError, connect, describe_error, server_address
+from watchdog.decide import decide
+from watchdog.model import CLIENT_BACKEND, Session, Snapshot, Verdict
+from watchdog.review_render import dumps_line, fit
+from watchdog.snapshot import take_snapshot
+from watchdog.units import format_duration
+
+IDLE_IN_TRANSACTION = ("idle in transaction", "idle in transaction (aborted)")
+_OLDEST_IIT = "oldest_idle_in_transaction_s"
+_SHOWN = 5  # next actions listed per group in text mode
+_CLEAR = "\x1b[H\x1b[2J"
+_EXPLAIN_TITLES = ("PID", "USER", "APP", "DB", "STATE", "AGE", "VERDICT")
+_EXPLAIN_CAPS = (8, 20, 24, 16, 29, 8, 72)
+
+Report = dict[str, Any]
+
+
+def _age(snapshot: Snapshot, s: Session) -> float | None:
+    if s.state_change is None:
+        return None
+    # now() is the statement's start; a session may change state a moment after it.
+    return max((snapshot.now - s.state_change).total_seconds(), 0.0)
+
+
+def _counts(values: Iterable[str]) -> dict[str, int]:
+    return dict(sorted(Counter(values).items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _oldest(snapshot: Snapshot, sessions: list[Session], states: tuple[str, ...]) -> float | None:
+    ages = [a for s in sessions if s.state in states and (a := _age(snapshot, s)) is not None]
+    return round(max(ages), 3) if ages else None
+
+
+def _verdict_text(v: Verdict, dry: bool) -> str:
+    if v.policy is None:
+        return v.reason
+    if v.acting:
+        return f"policy {v.policy} {'would act now (dry run)' if dry else 'acts now'}"
+    return f"policy {v.policy} in {format_duration(v.due_in or 0.0)}"
+
+
+def _session_json(snapshot: Snapshot, v: Verdict, dry: bool) -> Report:
+    s = v.session
+    age = _age(snapshot, s)
+    return {
+        "pid": s.pid,
+        "backend_type": s.backend_type,
+        "user": s.usename,
+        "application": s.application_name,
+        "database": s.datname,
+        "client_addr": s.client_addr,
+        "state": s.state,
+        "age_s": None if age is None else round(age, 3),
+        "policy": v.policy,
+        "acting": v.acting,
+        "due_in_s": None if v.due_in is None else round(v.due_in, 3),
+        "dry_run": dry if v.policy is not None else None,
+        "reason": v.reason,
+        "verdict": _verdict_text(v, dry),
+    }
+
+
+def build_report(
+    config: Config, target: Target, server: str, snapshot: Snapshot, explain: bool
+) -> Report:
+    """Everything `status` shows about one target, as JSON-ready values."""
+    decision = decide(snapshot, config, target.name)
+    policies = {p.name: p for p in config.policies}
+
+    def dry(v: Verdict) -> bool:
+        p = policies.get(v.policy or "")
+        return config.dry_run or (p is not None and p.dry_run)
+
+    clients = [
+        s
+        for s in snapshot.sessions
+        if s.backend_type == CLIENT_BACKEND and s.pid != snapshot.own_pid
+    ]
+    used = len(clients)
+    num = snapshot.server_version_num
+    planned = sorted(
+        (v for v in decision.verdicts if v.policy is not None),
+        key=lambda v: (0.0 if v.acting else (v.due_in or 0.0), v.session.pid),
+    )
+    report: Report = {
+        "target": target.name,
+        "server": server,
+        "server_version": f"{num // 10000}.{num % 10000}",
+        "now": snapshot.now.isoformat(),
+        "own_pid": snapshot.own_pid,
+        "max_connections": snapshot.max_connections,
+        "superuser_reserved_connections": snapshot.superuser_reserved,
+        "reserved_connections": snapshot.reserved if num >= 160000 else None,
+        "capacity": snapshot.capacity,
+        "used": used,
+        "headroom": snapshot.capacity - used,
+        "saturation_pct": round(100.0 * used / snapshot.capacity, 1),
+        # Rows whose backend_type is hidden: the role lacks pg_read_all_stats.
+        "hidden_sessions": sum(1 for s in snapshot.sessions if not s.backend_type),
+        "by_state": _counts(s.state or "(not visible)" for s in clients),
+        "by_user": _counts(s.usename or "" for s in clients),
+        "by_application": _counts(s.application_name for s in clients),
+        "oldest_idle_s": _oldest(snapshot, clients, ("idle",)),
+        _OLDEST_IIT: _oldest(snapshot, clients, IDLE_IN_TRANSACTION),
+        "due_now": sum(1 for v in planned if v.acting),
+        "over_limit": decision.over_limit,
+        "next_actions": [_session_json(snapshot, v, dry(v)) for v in planned],
+    }
+    if explain:
+        report["explain"] = [_session_json(snapshot, v, dry(v)) for v in decision.verdicts]
+    return report
+
+
+# -- text ---------------------------------------------------------------------
+
+
+def _safe(value: object, width: int = 64) -> str:
+    return fit("" if value is None else str(value), width)[0]
+
+
+def _dist(counts: dict[str, int]) -> str:
+    return ", ".join(f"{_safe(k, 40) or '(empty)'} {n}" for k, n in counts.items()) or "none"
+
+
+def _action_line(a: Report) -> str:
+    who = f"pid {a['pid']} user {_safe(a['user'], 32)} app '{_safe(a['application'], 32)}'"
+    return f"{who} {a['state']} {format_duration(a['age_s'] or 0.0)}: {_safe(a['verdict'], 80)}"
+
+
+def _cells(row: Iterable[str], widths: Iterable[int]) -> str:
+    parts = []
+    for cell, width in zip(row, widths, strict=True):
+        shown, used = fit(cell, width)
+        parts.append(shown + " " * (width - used))
+    return "  ".join(parts).rstrip()
+
+
+def _explain_table(rows: list[Report]) -> list[str]:
+    cells = [
+        (
+            str(r["pid"]),
+            r["user"] or "",
+            r["application"],
+            r["database"] or "",
+            r["state"] or "",
+            "" if r["age_s"] is None else format_duration(r["age_s"]),
+            r["verdict"],
+        )
+        for r in rows
+    ]
+    widths = [
+        min(cap, max([len(title)] + [fit(c[i], cap)[1] for c in cells]))
+        for i, (title, cap) in enumerate(zip(_EXPLAIN_TITLES, _EXPLAIN_CAPS, strict=True))
+    ]
+    lines = [_cells(_EXPLAIN_TITLES, widths)]
+    return lines + [_cells(c, widths) for c in cells]
+
+
+def render_text(r: Report) -> str:
+    """The human form of one target's report."""
+    slots = f"max_connections {r['max_connections']} - superuser_reserved_connections "
+    slots += str(r["superuser_reserved_connections"])
+    if r["reserved_connections"] is not None:
+        slots += f" - reserved_connections {r['reserved_connections']}"
+    oldest = [
+        f"{label} {'-' if r[key] is None else format_duration(r[key])}"
+        for label, key in (("idle", "oldest_idle_s"), (IDLE_IN_TRANSACTION[0], _OLDEST_IIT))
+    ]
+    lines = [
+        f"{_safe(r['target'])}  PostgreSQL {r['server_version']}  ({_safe(r['server'])})",
+        f"  slots        {slots} = {r['capacity']} ordinary",
+        f"  used         {r['used']} of {r['capacity']}, headroom {r['headroom']},"
+        f" {r['saturation_pct']:g}% saturated",
+        f"  by state     {_dist(r['by_state'])}",
+        f"  by user      {_dist(r['by_user'])}",
+        f"  by app       {_dist(r['by_application'])}",
+        f"  oldest       {', '.join(oldest)}",
+    ]
+    if r["hidden_sessions"]:
+        lines.append(
+            f"  warning      {r['hidden_sessions']} sessions are hidden from the watchdog's role,"
+            " so these counts are incomplete: GRANT pg_monitor to it"
+        )
+    now = [a for a in r["next_actions"] if a["acting"]]
+    later = [a for a in r["next_actions"] if not a["acting"]]
+    extra = f" ({r['over_limit']} beyond limits.max_per_sweep)" if r["over_limit"] else ""
+    lines.append(f"  due now      {len(now)} session{'s' if len(now) != 1 else ''}{extra}")
+    lines += [f"    {_action_line(a)}" for a in now[:_SHOWN]]
+    lines += [f"    ... and {len(now) - _SHOWN} more"] if len(now) > _SHOWN else []
+    lines.append(f"  next         {'none scheduled' if not later else ''}".rstrip())
+    lines += [f"    {_action_line(a)}" for a in later[:_SHOWN]]
+    lines += [f"    ... and {len(later) - _SHOWN} more"] if len(later) > _SHOWN else []
+    if "explain" in r:
+        lines += ["", *(f"  {line}" for line in _explain_table(r["explain"]))]
+    return "\n".join(lines) + "\n"
+
+
+# -- the loop -----------------------------------------------------------------
+
+
+class _Held:
+    """The connection kept open per target across `--watch` rounds."""
+
+    def __init__(self) -> None:
+        self.conns: dict[str, tuple[Any, str]] = {}
+
+    async def look(self, config: Config, target: Target, explain: bool) -> Report:
+        held = self.conns.get(target.name)
+        try:
+            if held is None or held[0].is_closed():
+                conn = await connect(target)
+                self.conns[target.name] = (conn, "")  # so a failure below closes it
+                held = self.conns[target.name] = (conn, await server_address(conn))
+            snapshot = await take_snapshot(held[0], timeout=STATEMENT_TIMEOUT)
+        except Exception as exc:
+            await self.drop(target.name)
+            msg = str(exc) if isinstance(exc, TargetError) else describe_error(target, exc)
+            return {"target": target.name, "error": msg}
+        return build_report(config, target, held[1], snapshot, explain)
+
+    async def drop(self, name: str) -> None:
+        held = self.conns.pop(name, None)
+        if held is not None:
+            with contextlib.suppress(Exception):
+                await held[0].close(timeout=2)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self.drop(name) for name in list(self.conns)))
+
+
+def _print_round(reports: list[Report], args: argparse.Namespace, clear: bool) -> int:
+    failed = [r for r in reports if "error" in r]
+    out: list[str] = [_CLEAR] if clear else []
+    if args.json:
+        out.append(dumps_line({"targets": reports}) + "\n")
+    else:
+        out.append("\n".join(render_text(r) for r in reports if "error" not in r))
+    sys.stdout.write("".join(out))
+    sys.stdout.flush()
+    for r in failed:  # after the screen is cleared, or the clearing would hide them
+        print(f"pg-watchdog: {_safe(r['error'], 400)}", file=sys.stderr, flush=True)
+    return 1 if failed else 0
+
+
+async def run_status(config: Config, args: argparse.Namespace) -> int:
+    """Print each target's picture once, or every ``args.watch`` seconds until Ctrl-C."""
+    held = _Held()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    watch: float | None = args.watch
+    handled: list[signal.Signals] = []
+    if watch is not None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, stop.set)
+                handled.append(sig)
+    clear = watch is not None and sys.stdout.isatty() and not args.json
+    try:
+        while True:
+            reports = await asyncio.gather(
+                *(held.look(config, t, args.explain) for t in config.targets)
+            )
+            code = _print_round(list(reports), args, clear)
+            if watch is None or stop.is_set():
+                return code
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=max(watch, 0.1))
+            if stop.is_set():
+                return code
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+        await held.close()
