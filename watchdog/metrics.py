@@ -1,29 +1,158 @@
-"""Prometheus metrics (opt-in): placeholder that records nothing; replaced by the real one."""
+"""Prometheus metrics (opt-in with ``metrics: {listen: HOST:PORT}``).
+
+The metrics live in a registry of their own, not prometheus-client's global
+one, so nothing else in the process leaks into the scrape. Without a
+``metrics`` section every method returns at once.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+import threading
+from collections import Counter as Tally
+from typing import TYPE_CHECKING, Any
 
-from watchdog.config import Config
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from watchdog.config import STATES, Config
+from watchdog.model import CLIENT_BACKEND
 
 if TYPE_CHECKING:
     from watchdog.sweep import SweepReport
 
+log = logging.getLogger(__name__)
+
+OTHER = "other"  # sessions whose state pg_stat_activity does not show (NULL)
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0)
+
 
 class Metrics:
-    """Exposes sweep results on the configured listen address."""
+    """Counts sweeps and actions and exposes each target's connections."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.enabled = config.metrics is not None
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._states: dict[str, set[str]] = {}  # target -> state labels it has exported
+        self._acted: dict[str, set[tuple[str, str]]] = {}  # target -> (policy, outcome) labels
+        r = self.registry
+        self.actions = Counter(
+            "pg_watchdog_actions",
+            "Sessions acted on (or that would be, in a dry run), by outcome.",
+            ["target", "policy", "outcome"],
+            registry=r,
+        )
+        self.sweeps = Counter("pg_watchdog_sweeps", "Sweeps completed.", ["target"], registry=r)
+        self.duration = Histogram(
+            "pg_watchdog_sweep_duration_seconds",
+            "Time one sweep took: snapshot, decision, signals and audit.",
+            ["target"],
+            buckets=BUCKETS,
+            registry=r,
+        )
+        self.up = Gauge(
+            "pg_watchdog_target_up",
+            "1 while the monitoring connection to the target is open.",
+            ["target"],
+            registry=r,
+        )
+        self.leader = Gauge(
+            "pg_watchdog_leader",
+            "1 while this instance holds the target's leader lock and acts on it.",
+            ["target"],
+            registry=r,
+        )
+        self.connections = Gauge(
+            "pg_watchdog_connections",
+            "Client sessions by pg_stat_activity state at the last sweep.",
+            ["target", "state"],
+            registry=r,
+        )
+        self.max_connections = Gauge(
+            "pg_watchdog_max_connections", "The server's max_connections.", ["target"], registry=r
+        )
+        self.slots = Gauge(
+            "pg_watchdog_connection_slots",
+            "Slots an ordinary role can use: max_connections minus the reserved ones.",
+            ["target"],
+            registry=r,
+        )
 
     def start(self) -> None:
-        """Start serving, if metrics are configured."""
+        """Start serving on the configured address; a failure to bind is logged, not fatal."""
+        m = self.config.metrics
+        if m is None or self._server is not None:
+            return
+        try:
+            self._server, self._thread = start_http_server(m.port, m.host, registry=self.registry)
+        except OSError as exc:
+            log.error(
+                "metrics off: cannot listen on %s:%d: %s", m.host, m.port, exc.strerror or exc
+            )
+            return
+        log.info("serving Prometheus metrics on http://%s:%d/metrics", m.host, m.port)
+
+    def configure(self, config: Config) -> None:
+        """Apply a reloaded config: forget targets that are gone (the address needs a restart)."""
+        if self.enabled and config.metrics != self.config.metrics:
+            log.warning("metrics.listen changed; restart pg-watchdog to apply it")
+        self.config = config
+        if not self.enabled:
+            return
+        names = {t.name for t in config.targets}
+        for target in [t for t in {*self._states, *self._acted} if t not in names]:
+            self.forget(target)
+
+    def forget(self, target: str) -> None:
+        """Drop every series of a target."""
+        states = self._states.pop(target, set())
+        for metric in (self.sweeps, self.duration, self.up, self.leader):
+            metric.remove(target)
+        self.max_connections.remove(target)
+        self.slots.remove(target)
+        for state in states:
+            self.connections.remove(target, state)
+        for policy, outcome in self._acted.pop(target, set()):
+            self.actions.remove(target, policy, outcome)
 
     def swept(self, report: SweepReport) -> None:
-        """Count one sweep's actions and connections."""
+        """Count one sweep's actions and record the target's connections."""
+        if not self.enabled:
+            return
+        target, snap = report.target, report.snapshot
+        self.sweeps.labels(target).inc()
+        self.duration.labels(target).observe(report.duration)
+        self.leader.labels(target).set(1 if report.leader else 0)
+        acted = self._acted.setdefault(target, set())
+        for o in report.outcomes:
+            self.actions.labels(target, o.action.policy, o.outcome).inc()
+            acted.add((o.action.policy, o.outcome))
+        counts = Tally(s.state or OTHER for s in snap.sessions if s.backend_type == CLIENT_BACKEND)
+        # Every state is written each sweep, so one that vanished reads 0, not its last value.
+        states = self._states.setdefault(target, set()) | {*STATES, OTHER, *counts}
+        self._states[target] = states
+        for state in states:
+            self.connections.labels(target, state).set(counts.get(state, 0))
+        self.max_connections.labels(target).set(snap.max_connections)
+        self.slots.labels(target).set(snap.capacity)
 
     def target_up(self, target: str, up: bool, leader: bool) -> None:
         """Whether a target is reachable, and whether this instance acts on it."""
+        if not self.enabled:
+            return
+        self._states.setdefault(target, set())
+        self.up.labels(target).set(1 if up else 0)
+        self.leader.labels(target).set(1 if leader else 0)
 
     def close(self) -> None:
         """Stop serving."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None

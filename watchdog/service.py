@@ -113,11 +113,21 @@ class Service:
     def _next(self, name: str, started: float, report: SweepReport) -> None:
         due = report.decision.next_due
         interval = self.config.target(name).interval
+        # next_due only knows sessions already in a matched state. One that enters it just
+        # after this snapshot crosses its threshold one longer_than later: look again by then.
+        horizon = min(
+            (p.longer_than for p in self.config.policies if p.targets is None or name in p.targets),
+            default=None,
+        )
+        if horizon is not None:
+            due = horizon if due is None else min(due, horizon)
         if report.decision.over_limit:
             due = 0.0  # more victims wait: come back as soon as the floor allows
         if due is None or due + MARGIN >= interval:
             return
-        delay = max(due + MARGIN, started + FLOOR - time.monotonic(), 0.0)
+        # Both due and the floor count from the sweep's start (its snapshot), not from now.
+        delay = max(due + MARGIN, FLOOR) - (time.monotonic() - started)
+        delay = max(delay, 0.0)
         job = self.scheduler.get_job(name)
         if job is not None:
             job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=delay))
@@ -175,6 +185,7 @@ class Service:
         self.config = new
         self.audit = AuditLog(new.audit.path)
         self.alerts.configure(new)
+        self.metrics.configure(new)
         for name, old in old_targets.items():
             if old in new.targets:
                 continue
