@@ -3,9 +3,15 @@
 Write-ahead: before any backend is signalled, the sweep's intended actions go
 to an intent journal beside the log (``audit.jsonl.intent``) and reach the
 disk. If that fails nothing is signalled (fail closed). After the signals the
-final records are appended and the journal is emptied. A watchdog killed in
-between leaves the journal behind; the next start records those actions as
-``unconfirmed``, so no signal is ever missing from the log.
+final records are appended and, once no sweep of this process is in flight,
+the journal is emptied. A watchdog killed in between leaves the journal behind;
+the next start records those actions as ``unconfirmed``, so no signal is ever
+missing from the log.
+
+Several sweeps (one per target) run concurrently against one journal: intents
+are appended, never overwritten, and a sweep still in flight in this process is
+never mistaken for one a killed watchdog left behind (one AuditLog per process
+and path: its instance knows which sweeps are in flight).
 """
 
 from __future__ import annotations
@@ -92,6 +98,9 @@ class AuditLog:
         self.intent_path = path.with_name(path.name + ".intent")
         # Final records that could not be written yet; they go first at the next write.
         self.backlog: list[dict[str, Any]] = []
+        # Sweeps whose intents are in the journal and not yet settled by final records:
+        # alive in this process, so never recovered as a killed watchdog's.
+        self._inflight: set[str] = set()
 
     def _write(self, path: Path, data: bytes, truncate: bool = False) -> None:
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if truncate else os.O_APPEND)
@@ -102,10 +111,18 @@ class AuditLog:
             if not truncate and size > 0 and os.pread(fd, 1, size - 1) != b"\n":
                 # A crash left a torn last line: start ours on a fresh line.
                 data = b"\n" + data
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except OSError:
+                # A short write (disk full, file size limit) must leave no part of the batch
+                # behind: the retry writes every record again, whole, and a partial intent
+                # would later be recovered as an action that was never taken.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
         finally:
             os.close(fd)
         if created:
@@ -124,11 +141,13 @@ class AuditLog:
 
     def write_intents(self, records: list[dict[str, Any]]) -> None:
         """Durably note what is about to be signalled; AuditError means: signal nothing."""
-        self.recover()  # never overwrite intents that were not settled
+        self.recover()  # settle what a killed predecessor left before adding ours
         try:
-            self._write(self.intent_path, _encode(records), truncate=True)
+            # Appended: concurrent sweeps of other targets may have intents in flight here.
+            self._write(self.intent_path, _encode(records))
         except OSError as exc:
             raise AuditError(f"cannot write audit log {self.intent_path}: {_why(exc)}") from None
+        self._inflight.update(str(r.get("sweep")) for r in records)
 
     def append(self, records: list[dict[str, Any]]) -> None:
         """Append final records and reach the disk; then forget the intents they settle.
@@ -144,7 +163,9 @@ class AuditLog:
             self.backlog = pending
             raise AuditError(f"cannot write audit log {self.path}: {_why(exc)}") from None
         self.backlog = []
-        self._clear_intents()
+        self._inflight.difference_update(str(r.get("sweep")) for r in pending)
+        if not self._inflight:
+            self._clear_intents()
 
     def flush_backlog(self) -> None:
         """Write records held back by an earlier failure; AuditError while it still fails."""
@@ -167,17 +188,17 @@ class AuditLog:
         intents = [r for r in (_parse(line) for line in raw.splitlines()) if r is not None]
         if not intents:
             return 0
-        settled = self._recent_sweeps()
+        settled = self._recent_sweeps() | self._inflight  # in flight: ours, alive
         orphans = []
         for r in intents:
-            if r.get("sweep") not in settled:
+            if str(r.get("sweep")) not in settled:
                 r["outcome"] = "unconfirmed"
                 r["error"] = "pg-watchdog stopped after deciding to signal; outcome not recorded"
                 orphans.append(r)
         if orphans:
             log.warning("recording %d unconfirmed actions left by a previous run", len(orphans))
             self.append(orphans)
-        else:
+        elif not self._inflight:
             self._clear_intents()
         return len(orphans)
 

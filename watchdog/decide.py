@@ -23,7 +23,49 @@ from watchdog.model import (
 )
 from watchdog.yamlfields import Network
 
-_LISTEN = re.compile(r"\s*LISTEN\b", re.IGNORECASE)
+_LISTEN = re.compile(r"LISTEN\b", re.IGNORECASE)
+
+
+def _after_block_comment(query: str, i: int) -> int:
+    """Index just past the block comment opening at ``i`` (they nest), or -1 if unclosed."""
+    depth = 0
+    opening, closing = i, query.find("*/", i + 2)
+    while closing >= 0:
+        if 0 <= opening < closing:
+            depth, i = depth + 1, opening + 2
+        else:
+            depth, i = depth - 1, closing + 2
+            if depth == 0:
+                return i
+        # Each search starts where the last one stopped: linear in the query's length.
+        if 0 <= opening < i:
+            opening = query.find("/*", i)
+        if closing < i:
+            closing = query.find("*/", i)
+    return -1
+
+
+def _is_listen(query: str) -> bool:
+    """Whether ``query`` is a LISTEN statement, after any whitespace and SQL comments.
+
+    A scanner rather than one regex: the text comes from the watched sessions and may be
+    megabytes long, so this stays linear (no backtracking on hostile input).
+    """
+    i, n = 0, len(query)
+    while i < n:
+        if query[i].isspace():
+            i += 1
+        elif query.startswith("--", i):
+            i = query.find("\n", i)
+            if i < 0:
+                return False
+        elif query.startswith("/*", i):
+            i = _after_block_comment(query, i)
+            if i < 0:
+                return False
+        else:
+            break
+    return _LISTEN.match(query, i) is not None
 
 
 def _glob_any(value: str | None, patterns: Iterable[str]) -> bool:
@@ -53,7 +95,7 @@ def excluded_by(session: Session, ex: Exclusions) -> str | None:
         return f"excluded database {session.datname!r}"
     if _in_networks(session.client_addr, ex.client_addrs):
         return f"excluded client address {session.client_addr}"
-    if ex.listeners and session.query is not None and _LISTEN.match(session.query):
+    if ex.listeners and session.query is not None and _is_listen(session.query):
         return "listener (last statement was LISTEN)"
     return None
 

@@ -35,11 +35,13 @@ MARGIN = 0.02
 class Service:
     """The running watchdog: one scheduled job per target."""
 
-    def __init__(self, config: Config, path: str, dry_run: bool) -> None:
+    def __init__(
+        self, config: Config, path: str, dry_run: bool, audit: AuditLog | None = None
+    ) -> None:
         self.config = config
         self.path = path
         self.dry_run = dry_run
-        self.audit = AuditLog(config.audit.path)
+        self.audit = audit or AuditLog(config.audit.path)
         self.alerts = Alerts(config)
         self.metrics = Metrics(config)
         self.notifier = Notifier.from_env()
@@ -183,7 +185,9 @@ class Service:
             return
         old_targets = {t.name: t for t in self.config.targets}
         self.config = new
-        self.audit = AuditLog(new.audit.path)
+        if new.audit.path != self.audit.path:
+            # Same path: keep the instance, it knows the sweeps in flight and its backlog.
+            self.audit = AuditLog(new.audit.path)
         self.alerts.configure(new)
         self.metrics.configure(new)
         for name, old in old_targets.items():
@@ -211,8 +215,6 @@ class Service:
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT; 0 on a clean stop."""
-        self.audit.recover()
-        self.audit.check_writable()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
@@ -259,5 +261,8 @@ class Service:
 
 
 async def run_service(config: Config, path: str, dry_run: bool = False) -> int:
-    """Entry point of `pg-watchdog run`."""
-    return await Service(config, path, dry_run).run()
+    """Entry point of `pg-watchdog run`; refuses to start (AuditError) if it cannot record."""
+    audit = AuditLog(config.audit.path)
+    audit.recover()
+    audit.check_writable()
+    return await Service(config, path, dry_run, audit).run()
