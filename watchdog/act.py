@@ -43,6 +43,7 @@ async def execute(
     if any(a.dry_run for a in actions):
         raise ValueError("dry-run actions must never reach execute()")
     by_pid = {a.session.pid: a for a in actions}
+    was_open = not conn.is_closed()
     try:
         rows = await conn.fetch(
             queries.ACT,
@@ -56,6 +57,12 @@ async def execute(
     except Exception as exc:  # every action must get an outcome
         error = f"{type(exc).__name__}: {exc}"
         log.error("signalling %d backends failed: %s", len(actions), error)
+        if was_open:
+            # The statement may have reached the server, which then signals every row it
+            # gets to (connection lost, timeout, crash mid-statement): the outcome is
+            # unknown, and 'failed' would claim that nothing was signalled.
+            why = f"the signalling statement failed; some or all may have been signalled: {error}"
+            return [Outcome(a, "unconfirmed", why) for a in actions]
         return [Outcome(a, "failed", error) for a in actions]
 
     outcomes: dict[int, Outcome] = {}

@@ -48,6 +48,10 @@ async def sweep_target(
     snapshot = await take_snapshot(conn, timeout=STATEMENT_TIMEOUT)
     decision = decide(snapshot, config, target.name, dry_run=dry_run)
     report = SweepReport(target.name, server, snapshot, decision, leader)
+    if audit.backlog:
+        # Records held back by a failed write go out as soon as the log takes them again,
+        # not only when another action comes; AuditError while it still fails.
+        audit.flush_backlog()
     if not leader or not decision.actions:
         report.duration = time.monotonic() - started
         return report
