@@ -175,12 +175,22 @@ def _interval(node: YNode) -> float:
     return seconds
 
 
+def _path(node: YNode) -> Path:
+    value = string(node)
+    if not value:
+        raise node.error("must not be empty")
+    if "\0" in value:
+        # The OS cannot open such a path: say so here rather than fail at the first sweep.
+        raise node.error(f"{value!r} contains a NUL character")
+    return Path(value).expanduser()
+
+
 def _target(node: YNode) -> Target:
     f = mapping(node, ("name", "dsn", "password_file", "interval"), ("name",))
     return Target(
         name=ident(f["name"]),
         dsn=opt(f, "dsn", _dsn, ""),
-        password_file=opt(f, "password_file", lambda n: Path(string(n)).expanduser(), None),
+        password_file=opt(f, "password_file", _path, None),
         interval=opt(f, "interval", _interval, 30.0),
     )
 
@@ -280,11 +290,9 @@ def _limits(node: YNode) -> Limits:
 
 def _audit(node: YNode) -> AuditConfig:
     f = mapping(node, ("path", "query"))
-    path = opt(f, "path", string, str(AuditConfig.path))
-    if not path:
-        raise f["path"].error("must not be empty")
     return AuditConfig(
-        path=Path(path).expanduser(), query=opt(f, "query", choice(AUDIT_QUERY), "truncate")
+        path=opt(f, "path", _path, AuditConfig.path),
+        query=opt(f, "query", choice(AUDIT_QUERY), "truncate"),
     )
 
 
@@ -308,7 +316,7 @@ def _metrics(node: YNode) -> MetricsConfig:
     f = mapping(node, ("listen",), ("listen",))
     listen = string(f["listen"])
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise f["listen"].error(f"{listen!r} is not HOST:PORT (e.g. 127.0.0.1:9187)")
     return MetricsConfig(host=host.strip("[]") or "127.0.0.1", port=int(port))
 

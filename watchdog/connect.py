@@ -6,7 +6,7 @@ import contextlib
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -32,12 +32,24 @@ class TargetError(Exception):
     """A target cannot be reached or used; the message is safe to print."""
 
 
-def _dsn_password(dsn: str) -> str | None:
+_QUERY_PASSWORD = re.compile(r"(?:^|&)password=([^&]*)")
+_USERINFO_PASSWORD = re.compile(r"^[^:/]+://[^:@/]*:([^@/]*)@")
+
+
+def _dsn_passwords(dsn: str) -> list[str]:
+    """The DSN's passwords in every form a message could show them: as written and decoded,
+    from the userinfo and from a ``?password=`` parameter (libpq and asyncpg take both)."""
     try:
-        pw = urlsplit(dsn).password
-    except ValueError:
-        return None
-    return unquote(pw) if pw else None
+        parts = urlsplit(dsn)
+        written = [parts.password or ""]
+        query = parts.query
+    except ValueError:  # e.g. an unclosed [ipv6 literal: fall back to a plain match
+        m = _USERINFO_PASSWORD.match(dsn)
+        written = [m.group(1)] if m else []
+        query = dsn.partition("?")[2]
+    written += _QUERY_PASSWORD.findall(query)
+    forms = (form for pw in written for form in (pw, unquote(pw), unquote_plus(pw)))
+    return [form for form in dict.fromkeys(forms) if form]
 
 
 def redact_dsn(dsn: str) -> str:
@@ -45,11 +57,12 @@ def redact_dsn(dsn: str) -> str:
     try:
         parts = urlsplit(dsn)
     except ValueError:
-        return re.sub(r":[^:@/]*@", ":***@", dsn)
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+        return re.sub(r"([?&]password=)[^&]*", r"\1***", re.sub(r":[^:@/]*@", ":***@", dsn))
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(":" + parts.password + "@", ":***@", 1)
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def read_password(target: Target) -> str | None:
@@ -62,11 +75,16 @@ def read_password(target: Target) -> str | None:
         raise TargetError(
             f"{target.name}: cannot read password_file {target.password_file}: {exc.strerror}"
         ) from None
+    except UnicodeDecodeError:
+        # Never quote the decoder's message: it carries bytes of the password.
+        raise TargetError(
+            f"{target.name}: cannot read password_file {target.password_file}: not UTF-8 text"
+        ) from None
 
 
 def secrets_of(target: Target) -> list[str]:
     """Every secret string of a target, to scrub from any text shown to anyone."""
-    found = [_dsn_password(target.dsn)]
+    found: list[str | None] = [*_dsn_passwords(target.dsn)]
     with contextlib.suppress(TargetError):
         found.append(read_password(target))
     return [s for s in found if s]

@@ -21,21 +21,29 @@ LEFT JOIN pg_stat_activity a ON true
 LEFT JOIN pg_roles r ON r.oid = a.usesysid
 """
 
-# The race-safe action, for a whole batch in one statement. A backend is signalled
-# only if, in this statement's view, it is the same session (pid, backend_start)
-# still in the same state since the same state_change. CASE evaluates the
-# signalling branch only for rows whose verdict is 'signal'.
+# The race-safe action, for a whole batch in one statement. Each backend is
+# signalled only if, in a fresh look taken just before its own signal, it is the
+# same session (pid, backend_start) still in the same state since the same
+# state_change. pg_stat_clear_snapshot() drops the statement's cached copy of the
+# activity table, so the look is microseconds old, not as old as the statement;
+# it returns void, which is never NULL, so the CASE always yields v.pid and only
+# exists to make the call happen per row. CASE evaluates the signalling branch
+# only for rows whose verdict is 'signal'.
 ACT = """
-WITH v AS (
-    SELECT * FROM unnest($1::int[], $2::timestamptz[], $3::text[], $4::timestamptz[], $5::text[])
-        AS v(pid, backend_start, state, state_change, action)
-), me AS (
-    SELECT oid, rolsuper,
-           pg_has_role(oid, 'pg_signal_backend', 'USAGE') AS can_signal
+WITH me AS (
+    SELECT oid, rolsuper, pg_has_role(oid, 'pg_signal_backend', 'USAGE') AS can_signal
     FROM pg_roles WHERE rolname = current_user
-), judged AS (
-    SELECT v.pid, v.action,
-           CASE
+)
+SELECT v.pid, j.verdict,
+       CASE WHEN j.verdict <> 'signal' THEN NULL
+            WHEN v.action = 'cancel' THEN pg_cancel_backend(v.pid)
+            ELSE pg_terminate_backend(v.pid)
+       END AS signalled
+FROM unnest($1::int[], $2::timestamptz[], $3::text[], $4::timestamptz[], $5::text[])
+        AS v(pid, backend_start, state, state_change, action)
+CROSS JOIN me
+CROSS JOIN LATERAL (
+    SELECT CASE
              WHEN a.pid IS NULL OR a.backend_start IS DISTINCT FROM v.backend_start THEN 'gone'
              WHEN a.state IS DISTINCT FROM v.state
                OR a.state_change IS DISTINCT FROM v.state_change THEN 'changed'
@@ -44,16 +52,12 @@ WITH v AS (
                THEN 'denied'
              ELSE 'signal'
            END AS verdict
-    FROM v CROSS JOIN me
-    LEFT JOIN pg_stat_activity a ON a.pid = v.pid
+    FROM (SELECT 1) AS one
+    LEFT JOIN pg_stat_get_activity(
+                  CASE WHEN pg_stat_clear_snapshot() IS NOT NULL THEN v.pid END) AS a
+           ON a.pid = v.pid
     LEFT JOIN pg_roles r ON r.oid = a.usesysid
-)
-SELECT pid, verdict,
-       CASE WHEN verdict <> 'signal' THEN NULL
-            WHEN action = 'cancel' THEN pg_cancel_backend(pid)
-            ELSE pg_terminate_backend(pid)
-       END AS signalled
-FROM judged
+) AS j
 """
 
 # Which of a batch of terminated backends are still there (one look for the batch).

@@ -15,6 +15,7 @@ from watchdog.yamlpos import YNode
 T = TypeVar("T")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MAX_DURATION = 3650 * 86400.0  # ten years
 
 
 def mapping(
@@ -84,6 +85,9 @@ def duration(node: YNode) -> float:
         raise node.error(str(exc)) from None
     if seconds <= 0:
         raise node.error(f"{node.value!r} must be greater than zero")
+    if not seconds <= MAX_DURATION:  # also catches inf: "999...9d" overflows the float
+        # Schedulers and datetimes overflow long before: nothing useful waits that long.
+        raise node.error(f"{node.value!r} is too long (at most {MAX_DURATION // 86400:.0f}d)")
     return seconds
 
 

@@ -49,6 +49,9 @@ def join_path(base: str, key: str | int) -> str:
     """The key path of a child: ``policies[1].longer_than``."""
     if isinstance(key, int):
         return f"{base}[{key}]"
+    if not key.isprintable():
+        # A newline, escape sequence or invisible space in a key: show it, keep one line.
+        return f"{base}[{key!r}]"
     return f"{base}.{key}" if base else key
 
 
@@ -120,8 +123,9 @@ class _Builder:
             value = self.loader.construct_object(node, deep=True)
         except yaml.YAMLError as exc:
             raise ConfigError(self.file, line, col, path, _yaml_problem(exc)) from None
-        except (ValueError, TypeError, OverflowError) as exc:
-            # e.g. `2024-13-45` resolves as a timestamp, `!!int abc`: PyYAML lets these escape.
+        except (ValueError, TypeError, OverflowError, LookupError) as exc:
+            # e.g. `2024-13-45` resolves as a timestamp, `!!int abc`, `!!int ""` (IndexError),
+            # `!!bool ""` (KeyError): PyYAML lets these escape.
             raise ConfigError(
                 self.file,
                 line,
@@ -150,7 +154,7 @@ class _Builder:
                 resolved = yaml.ScalarNode(tag, expanded, node.start_mark, node.end_mark)
                 try:
                     return self.loader.construct_object(resolved, deep=True)
-                except (yaml.YAMLError, ValueError, TypeError, OverflowError):
+                except (yaml.YAMLError, ValueError, TypeError, OverflowError, LookupError):
                     return expanded
         return expanded
 
@@ -168,6 +172,33 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"invalid YAML: {text}"
 
 
+MAX_DEPTH = 100
+
+
+def _too_deep(text: str, file: str) -> ConfigError:
+    """The error for a document nested past Python's recursion limit, at the first node too deep.
+
+    PyYAML's composer recurses once per level; its parser does not, so the events show where.
+    """
+    depth = 0
+    line, col = 1, 1
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                mark = event.start_mark
+                if depth > MAX_DEPTH and mark is not None:
+                    line, col = mark.line + 1, mark.column + 1
+                    break
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    except (yaml.YAMLError, RecursionError):
+        pass
+    return ConfigError(
+        file, line, col, "", f"invalid YAML: nested more than {MAX_DEPTH} levels deep"
+    )
+
+
 def load_yaml(text: str, file: str, environ: Mapping[str, str] | None = None) -> YNode:
     """Parse one YAML document into a :class:`YNode` tree; ConfigError on any problem."""
     env = os.environ if environ is None else environ
@@ -179,6 +210,11 @@ def load_yaml(text: str, file: str, environ: Mapping[str, str] | None = None) ->
         raise ConfigError(file, line, col, "", _yaml_problem(exc)) from None
     except yaml.YAMLError as exc:
         raise ConfigError(file, 1, 1, "", _yaml_problem(exc)) from None
+    except RecursionError:
+        raise _too_deep(text, file) from None
     if node is None:
         raise ConfigError(file, 1, 1, "", "the file is empty")
-    return _Builder(file, env).build(node, "")
+    try:
+        return _Builder(file, env).build(node, "")
+    except RecursionError:
+        raise _too_deep(text, file) from None
