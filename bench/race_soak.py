@@ -369,7 +369,8 @@ def is_snapshot(e: Entry) -> bool:
 
 
 def is_act(e: Entry) -> bool:
-    return e.app == WATCHDOG_APP and e.text.startswith("execute ") and "pg_terminate_backend(" in e.text
+    return (e.app == WATCHDOG_APP and e.text.startswith("execute ")
+            and "pg_terminate_backend(" in e.text)
 
 
 KILLED = "terminating connection due to administrator command"

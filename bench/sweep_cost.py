@@ -35,7 +35,7 @@ from watchdog.audit import AuditLog
 from watchdog.config import load_config
 from watchdog.connect import connect, server_address
 from watchdog.decide import decide
-from watchdog.snapshot import session_from_row, take_snapshot
+from watchdog.snapshot import sessions_from_rows, take_snapshot
 from watchdog.sweep import sweep_target
 from watchdog.tempcluster import start_cluster
 
@@ -116,7 +116,7 @@ async def measure(
         t_decide = (time.perf_counter() - t) / 5
         t = time.perf_counter()
         for _ in range(5):
-            [session_from_row(r) for r in raw if r["pid"] is not None]
+            sessions_from_rows(raw)
         t_sessions = (time.perf_counter() - t) / 5
         prof = None
         if profile:

@@ -285,8 +285,8 @@ def candidate(s: Session, p: Policy, case: Case) -> float | None:
 
 @dataclass(frozen=True)
 class Expected:
-    acting: dict[int, tuple[Policy, float]]  # pid -> the first policy past its threshold
-    pending: dict[int, tuple[str, float]]  # pid -> first not-yet-due policy and time left
+    acting: dict[int, tuple[Policy, float]]  # pid -> its claiming policy, past its threshold
+    pending: dict[int, tuple[str, float]]  # pid -> its claiming policy, not yet due, time left
     next_due: float | None
 
 
@@ -304,8 +304,10 @@ def expected(case: Case) -> Expected:
             if age > p.longer_than:
                 acting[s.pid] = (p, age)
                 break
+            # The first matching policy claims the session even before it is due.
             dues.append(p.longer_than - age)
-            pending.setdefault(s.pid, (p.name, p.longer_than - age))
+            pending[s.pid] = (p.name, p.longer_than - age)
+            break
     return Expected(acting, pending, min(dues) if dues else None)
 
 

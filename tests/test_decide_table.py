@@ -412,14 +412,28 @@ def test_first_matching_policy_wins() -> None:
     assert len(d.actions) == 1
 
 
-def test_policy_not_yet_due_lets_a_later_policy_with_a_shorter_threshold_act() -> None:
-    # Policies are tried in order and the first that *would act now* acts: a policy with
-    # a longer threshold earlier in the file is not a grace period (use its exclude for that).
+def test_first_matching_policy_claims_the_session_before_it_is_due() -> None:
+    # As in pg_hba.conf, the first policy whose state and filters match decides: a gentler
+    # specific rule first is a grace period that a stricter generic rule after it respects.
     cfg = config(policy("gentle", longer_than=3600.0, applications=("web",)),
                  policy("strict", longer_than=600.0))
     d = decide(snapshot(session(100, idle_for=900)), cfg, TARGET)
-    assert_acted(d, 100, by="strict")
+    assert d.actions == ()
+    v = verdict_of(d, 100)
+    assert (v.policy, v.acting, v.due_in) == ("gentle", False, pytest.approx(2700.0))
     assert d.next_due == pytest.approx(2700.0)
+    # A session the gentle rule does not match still falls to the strict one.
+    other = session(101, idle_for=900, app="batch")
+    assert_acted(decide(snapshot(other), cfg, TARGET), 101, by="strict")
+
+
+def test_inactive_escalation_falls_through_and_explains_why() -> None:
+    cfg = config(policy("when-full", longer_than=60.0, connections_above=0.9),
+                 policy("idle", longer_than=600.0))
+    d = decide(snapshot(session(100, idle_for=300)), cfg, TARGET)
+    v = verdict_of(d, 100)
+    assert (v.policy, v.acting, v.due_in) == ("idle", False, pytest.approx(300.0))
+    assert "when-full: server at" in v.reason
 
 
 def test_not_yet_due_verdict_names_the_first_pending_policy() -> None:

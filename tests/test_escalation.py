@@ -17,6 +17,7 @@ from watchdog.audit import AuditLog
 from watchdog.config import load_config
 from watchdog.connect import connect as watchdog_connect
 from watchdog.connect import server_address
+from watchdog.decide import decide
 from watchdog.sweep import SweepReport, sweep_target
 from watchdog.tempcluster import TempCluster
 
@@ -100,7 +101,9 @@ async def test_escalation_acts_above_its_fullness_and_not_below(
         report = await sweep()
         assert (report.snapshot.used, report.snapshot.capacity) == (used, capacity)
         assert report.outcomes == []
-        idlers = [v for v in report.decision.verdicts if v.session.application_name == "idler"]
+        # Sweeps skip the explanations; status --explain asks for them on the same snapshot.
+        explained = decide(report.snapshot, config, target.name).verdicts
+        idlers = [v for v in explained if v.session.application_name == "idler"]
         assert len(idlers) == below
         # The escalation sleeps; the regular 1 h policy is the one that will act, later.
         assert {(v.policy, v.acting) for v in idlers} == {("idle", False)}

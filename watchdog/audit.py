@@ -82,8 +82,13 @@ def make_record(
     }
 
 
+# Valid inside JSON strings, but str.splitlines() and many tools break lines on them.
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def _encode(records: Iterable[dict[str, Any]]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    lines = (json.dumps(r, ensure_ascii=False).translate(_LINE_BREAKS) + "\n" for r in records)
+    return "".join(lines).encode("utf-8")
 
 
 def _why(exc: OSError) -> str:

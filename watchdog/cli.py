@@ -36,6 +36,9 @@ def setup_logging(level: int) -> None:
     if not under_systemd:
         fmt = "%(asctime)s " + fmt
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    if level > logging.DEBUG:
+        # APScheduler logs two INFO lines per job run: thousands a day per target.
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
 def _load(args: argparse.Namespace) -> Config:

@@ -82,8 +82,32 @@ def _in_networks(addr: str | None, networks: tuple[Network, ...]) -> bool:
     return any(ip.version == n.version and ip in n for n in networks)
 
 
+_Key = tuple[object, ...]
+_UNSEEN = "?"  # not a possible reason
+
+
+def _key(session: Session) -> _Key:
+    """Everything an exclusion rule or a policy filter looks at: sessions of one application
+    (same role, database, address and last statement) share one answer per sweep."""
+    return (
+        session.rolsuper,
+        session.usename,
+        session.application_name,
+        session.datname,
+        session.client_addr,
+        session.query,
+    )
+
+
 def excluded_by(session: Session, ex: Exclusions) -> str | None:
     """The exclusion rule that spares ``session``, or None."""
+    reason = _excluded_static(session, ex)
+    if reason is None and ex.listeners and session.query is not None and _is_listen(session.query):
+        return "listener (last statement was LISTEN)"
+    return reason
+
+
+def _excluded_static(session: Session, ex: Exclusions) -> str | None:
     if ex.superusers and session.rolsuper is not False:
         # Unknown role (NULL rolsuper) is treated as superuser: never guess in favour of killing.
         return "superuser"
@@ -95,8 +119,6 @@ def excluded_by(session: Session, ex: Exclusions) -> str | None:
         return f"excluded database {session.datname!r}"
     if _in_networks(session.client_addr, ex.client_addrs):
         return f"excluded client address {session.client_addr}"
-    if ex.listeners and session.query is not None and _is_listen(session.query):
-        return "listener (last statement was LISTEN)"
     return None
 
 
@@ -127,24 +149,37 @@ def _outside_filters(session: Session, policy: Policy) -> str | None:
     return excluded_by(session, policy.exclude)
 
 
-def decide(snapshot: Snapshot, config: Config, target: str, dry_run: bool = False) -> Decision:
+def decide(
+    snapshot: Snapshot, config: Config, target: str, dry_run: bool = False, explain: bool = True
+) -> Decision:
     """The actions one sweep of ``target`` takes, oldest first, within limits.max_per_sweep."""
     policies = [p for p in config.policies if p.targets is None or target in p.targets]
     saturation = snapshot.saturation
+    not_yet_due = {p.name: f"{p.name}: not yet due" for p in policies}
     actions: list[Action] = []
     verdicts: list[Verdict] = []
     next_due: float | None = None
+    spared: dict[_Key, str | None] = {}
+    outside_of: list[dict[_Key, str | None]] = [{} for _ in policies]
     for s in snapshot.sessions:
-        reason = never_touched(s, snapshot) or excluded_by(s, config.exclude)
+        reason = never_touched(s, snapshot)
+        if reason is None:
+            key = _key(s)
+            reason = spared.get(key, _UNSEEN)
+            if reason is _UNSEEN:
+                reason = spared[key] = excluded_by(s, config.exclude)
         if reason is not None:
-            verdicts.append(Verdict(s, None, reason, acting=False))
+            if explain:
+                verdicts.append(Verdict(s, None, reason, acting=False))
             continue
         verdict: Verdict | None = None
         why_not: list[str] = []
-        for p in policies:
+        for p, known in zip(policies, outside_of, strict=True):
             if s.state not in p.states:
                 continue
-            outside = _outside_filters(s, p)
+            outside = known.get(key, _UNSEEN)
+            if outside is _UNSEEN:
+                outside = known[key] = _outside_filters(s, p)
             if outside is not None:
                 why_not.append(f"{p.name}: {outside}")
                 continue
@@ -159,11 +194,15 @@ def decide(snapshot: Snapshot, config: Config, target: str, dry_run: bool = Fals
                 )
                 continue
             if age <= p.longer_than:
+                # The first matching policy claims the session, due or not (as in
+                # pg_hba.conf): a gentler specific rule first is never overridden by a
+                # stricter generic one after it.
                 due = p.longer_than - age
                 next_due = due if next_due is None else min(next_due, due)
-                if verdict is None:
-                    verdict = Verdict(s, p.name, f"{p.name}: not yet due", False, due)
-                continue
+                if explain:
+                    reason = "; ".join([*why_not, not_yet_due[p.name]])
+                    verdict = Verdict(s, p.name, reason, False, due)
+                break
             actions.append(
                 Action(
                     target,
@@ -175,8 +214,12 @@ def decide(snapshot: Snapshot, config: Config, target: str, dry_run: bool = Fals
                     age,
                 )
             )
-            verdict = Verdict(s, p.name, f"{p.name}: {s.state} past {p.longer_than:g}s", True, 0.0)
+            if explain:
+                why = f"{p.name}: {s.state} past {p.longer_than:g}s"
+                verdict = Verdict(s, p.name, why, True, 0.0)
             break
+        if not explain:
+            continue
         if verdict is None:
             verdict = Verdict(
                 s, None, "; ".join(why_not) or f"no policy for state {s.state!r}", False

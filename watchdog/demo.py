@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.resources
 import json
 import os
 import shutil
@@ -42,17 +41,6 @@ APP = "leaky-app"
 THRESHOLDS = {False: (6.0, 4.0), True: (2.0, 1.0)}
 LEAK_PACE = {False: 0.5, True: 0.15}  # seconds between two leaked connections
 SCALED_NAMES = ("idle", "idle-in-transaction")
-# The same rules as policies/default.yaml, for an install that ships without that file.
-_BUILTIN_DEFAULT = """
-exclude: {superusers: true, applications: ["pg_dump*", "pg_basebackup", "psql"], listeners: true}
-policies:
-  - {name: idle, state: idle, longer_than: 10m, action: terminate}
-  - name: idle-in-transaction
-    state: [idle in transaction, idle in transaction (aborted)]
-    longer_than: 5m
-    action: terminate
-limits: {max_per_sweep: 50}
-"""
 # The extras the demo's own (short-lived) environment must not reach: a demo never pages
 # anyone through $SENTRY_DSN, nor talks to a systemd manager it does not belong to.
 _FOREIGN_ENV = ("SENTRY_DSN", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
@@ -90,7 +78,9 @@ def _signals_held() -> Iterator[None]:
 def default_policies() -> tuple[dict[str, Any], str]:
     """The seed policy file as data, and where it came from."""
     sources = [
-        importlib.resources.files("watchdog") / "default.yaml",
+        # A wheel installs policies/default.yaml here (pyproject: data-files).
+        Path(sys.prefix) / "share" / "pg-watchdog" / "default.yaml",
+        # A checkout, or an editable install.
         Path(__file__).resolve().parent.parent / "policies" / "default.yaml",
     ]
     for source in sources:
@@ -98,7 +88,7 @@ def default_policies() -> tuple[dict[str, Any], str]:
             data = yaml.safe_load(source.read_text(encoding="utf-8"))
             if isinstance(data, dict) and isinstance(data.get("policies"), list):
                 return data, str(source)
-    return yaml.safe_load(_BUILTIN_DEFAULT), "the built-in copy of policies/default.yaml"
+    raise DemoError(f"the seed policy file is missing (looked in {', '.join(map(str, sources))})")
 
 
 def demo_policy_text(dsn: str, audit: Path, fast: bool, interval: float = 1.0) -> str:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 CLIENT_BACKEND = "client backend"
 APPLICATION_NAME = "pg-watchdog"
 
 
-@dataclass(frozen=True)
-class Session:
-    """One row of pg_stat_activity, as the watchdog saw it."""
+class Session(NamedTuple):
+    """One row of pg_stat_activity, as the watchdog saw it (immutable; cheap to build)."""
 
     pid: int
     backend_type: str

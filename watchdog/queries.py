@@ -7,10 +7,11 @@ is ever formatted into SQL text.
 # One statement per sweep: the sessions, the server's clock and its slot limits.
 # now() is the statement's start, the same instant pg_stat_activity is read.
 SNAPSHOT = """
-SELECT s.now, s.own_pid, s.version_num, s.max_connections, s.su_reserved, s.reserved,
-       a.pid, a.backend_type, a.backend_start, a.usename, r.rolsuper, a.datname,
-       a.application_name, host(a.client_addr) AS client_addr, a.state, a.state_change,
-       a.xact_start, a.query_start, a.query, a.leader_pid
+SELECT a.pid, coalesce(a.backend_type, '') AS backend_type, a.backend_start, a.usename,
+       r.rolsuper, a.datname, coalesce(a.application_name, '') AS application_name,
+       host(a.client_addr) AS client_addr, a.state, a.state_change,
+       a.xact_start, a.query_start, a.query, a.leader_pid,
+       s.now, s.own_pid, s.version_num, s.max_connections, s.su_reserved, s.reserved
 FROM (SELECT now() AS now,
              pg_backend_pid() AS own_pid,
              current_setting('server_version_num')::int AS version_num,

@@ -255,6 +255,13 @@ class Service:
             pinger.cancel()
         for runner in self.runners.values():
             await runner.close()
+        try:
+            self.audit.flush_backlog()
+        except AuditError as exc:
+            # Not lost: their intents stay in the journal and the next start records them.
+            log.error(
+                "%s; %d records held back stay in the intent journal", exc, len(self.audit.backlog)
+            )
         self.metrics.close()
         self.alerts.close()
         log.info("stopped")

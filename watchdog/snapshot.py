@@ -7,25 +7,13 @@ from typing import Any
 from watchdog import queries
 from watchdog.model import Session, Snapshot
 
+_make = Session._make
+_N = len(Session._fields)
 
-def session_from_row(row: Any) -> Session:
-    """A :class:`Session` from a pg_stat_activity row."""
-    return Session(
-        pid=row["pid"],
-        backend_type=row["backend_type"] or "",
-        backend_start=row["backend_start"],
-        usename=row["usename"],
-        rolsuper=row["rolsuper"],
-        datname=row["datname"],
-        application_name=row["application_name"] or "",
-        client_addr=row["client_addr"],
-        state=row["state"],
-        state_change=row["state_change"],
-        xact_start=row["xact_start"],
-        query_start=row["query_start"],
-        query=row["query"],
-        leader_pid=row["leader_pid"],
-    )
+
+def sessions_from_rows(rows: Any) -> tuple[Session, ...]:
+    """The sessions of SNAPSHOT rows (the query lists Session's fields first, in order)."""
+    return tuple(_make(r[:_N]) for r in rows if r[0] is not None)
 
 
 async def take_snapshot(conn: Any, timeout: float | None = None) -> Snapshot:
@@ -39,5 +27,5 @@ async def take_snapshot(conn: Any, timeout: float | None = None) -> Snapshot:
         max_connections=first["max_connections"],
         superuser_reserved=first["su_reserved"],
         reserved=first["reserved"],
-        sessions=tuple(session_from_row(r) for r in rows if r["pid"] is not None),
+        sessions=sessions_from_rows(rows),
     )

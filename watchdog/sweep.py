@@ -46,7 +46,7 @@ async def sweep_target(
     """Run one sweep; AuditError means nothing was signalled (or the records are pending)."""
     started = time.monotonic()
     snapshot = await take_snapshot(conn, timeout=STATEMENT_TIMEOUT)
-    decision = decide(snapshot, config, target.name, dry_run=dry_run)
+    decision = decide(snapshot, config, target.name, dry_run=dry_run, explain=False)
     report = SweepReport(target.name, server, snapshot, decision, leader)
     if audit.backlog:
         # Records held back by a failed write go out as soon as the log takes them again,
