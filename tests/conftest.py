@@ -8,10 +8,13 @@ start fails the test with the ClusterError message; it is never skipped.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
+import asyncpg
 import pytest
+from helpers import connect
+from scenario import kill_leftovers, setup_roles
 
 from watchdog.tempcluster import ClusterError, TempCluster, find_bindir, run_as_user, start_cluster
 
@@ -84,3 +87,20 @@ def make_cluster() -> Iterator[MakeCluster]:
     finally:
         for cluster in reversed(clusters):
             cluster.cleanup()
+
+
+@pytest.fixture
+async def admin(pg: TempCluster) -> AsyncIterator[asyncpg.Connection]:
+    """A superuser connection to the module's cluster, for looking at pg_stat_activity.
+
+    Its application is psql (excluded by the test policies); the least-privilege
+    roles exist, and sessions an earlier test left behind are gone, before and after.
+    """
+    setup_roles(pg)
+    kill_leftovers(pg)
+    conn = await connect(pg, "postgres", "psql")
+    try:
+        yield conn
+    finally:
+        await conn.close()
+        kill_leftovers(pg)

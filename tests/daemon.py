@@ -12,19 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from scenario import setup_roles
 
 from watchdog.tempcluster import TempCluster
 
-LEAST_PRIVILEGE = "CREATE ROLE watchdog LOGIN; GRANT pg_monitor, pg_signal_backend TO watchdog;"
-
-
-def setup_roles(cluster: TempCluster) -> None:
-    """The watchdog's least-privilege role and an ordinary application role."""
-    sql = LEAST_PRIVILEGE + " CREATE ROLE app LOGIN;"
-    if cluster.major >= 16:
-        sql += " GRANT pg_use_reserved_connections TO watchdog;"
-    cluster.psql(sql)
-
+__all__ = ["Daemon", "audit_records", "backend_alive", "setup_roles", "write_config"]
 
 def write_config(
     path: Path,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -18,11 +18,9 @@ from scenario import (
     backends,
     idle_app_session,
     is_alive,
-    kill_leftovers,
     policy_file,
     read_audit,
     run_cli,
-    setup_roles,
     start_service,
     stop_process,
 )
@@ -43,18 +41,6 @@ UNWRITABLE: dict[str, Callable[[Path], Path]] = {
     "missing-dir": _missing_dir,
     "under-a-file": _under_a_file,
 }
-
-
-@pytest.fixture
-async def admin(pg: TempCluster) -> AsyncIterator[asyncpg.Connection]:
-    setup_roles(pg)
-    kill_leftovers(pg)
-    conn = await connect(pg, "postgres", "psql")
-    try:
-        yield conn
-    finally:
-        await conn.close()
-        kill_leftovers(pg)
 
 
 async def _victims(pg: TempCluster) -> list[asyncpg.Connection]:

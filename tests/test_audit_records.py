@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,10 @@ from scenario import (
     check_record,
     idle_app_session,
     is_alive,
-    kill_leftovers,
     policy_file,
     read_audit,
     records_by_pid,
     run_cli,
-    setup_roles,
 )
 
 from watchdog.audit import AuditLog, make_record
@@ -36,18 +33,6 @@ from watchdog.sweep import sweep_target
 from watchdog.tempcluster import TempCluster
 
 TORN = b'{"ts": "2026-01-01T00:00:00.000Z", "target": "main", "policy": "id'
-
-
-@pytest.fixture
-async def admin(pg: TempCluster) -> AsyncIterator[asyncpg.Connection]:
-    setup_roles(pg)
-    kill_leftovers(pg)
-    conn = await connect(pg, "postgres", "psql")
-    try:
-        yield conn
-    finally:
-        await conn.close()
-        kill_leftovers(pg)
 
 
 async def _idle_victims(pg: TempCluster, n: int, prefix: str = "victim",

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
-import pytest
 from helpers import connect, wait_for
 from scenario import (
     APP_ROLE,
     backends,
     idle_app_session,
     is_alive,
-    kill_leftovers,
     policy_file,
     read_audit,
-    setup_roles,
     start_service,
     stop_process,
 )
@@ -28,18 +24,6 @@ from watchdog.tempcluster import TempCluster
 IDLE = 2.0
 INTERVAL = 1.0
 SLACK = 1.5
-
-
-@pytest.fixture
-async def admin(pg: TempCluster) -> AsyncIterator[asyncpg.Connection]:
-    setup_roles(pg)
-    kill_leftovers(pg)
-    conn = await connect(pg, "postgres", "psql")
-    try:
-        yield conn
-    finally:
-        await conn.close()
-        kill_leftovers(pg)
 
 
 def _read(path: Path) -> str:

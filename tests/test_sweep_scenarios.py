@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import pytest
 from helpers import connect, wait_for
 from scenario import (
     APP_ROLE,
@@ -25,7 +24,6 @@ from scenario import (
     check_record,
     idle_app_session,
     is_alive,
-    kill_leftovers,
     open_old_sessions,
     open_young_sessions,
     policy_file,
@@ -33,7 +31,6 @@ from scenario import (
     records_by_pid,
     run_cli,
     server_backends,
-    setup_roles,
     wait_gone,
 )
 
@@ -46,19 +43,6 @@ from watchdog.sweep import sweep_target
 from watchdog.tempcluster import TempCluster
 
 AGE = 2.5  # > idle threshold 2s > idle-in-transaction threshold 1s
-
-
-@pytest.fixture
-async def admin(pg: TempCluster) -> AsyncIterator[asyncpg.Connection]:
-    """A superuser connection for looking at pg_stat_activity (application psql: excluded)."""
-    setup_roles(pg)
-    kill_leftovers(pg)
-    conn = await connect(pg, "postgres", "psql")
-    try:
-        yield conn
-    finally:
-        await conn.close()
-        kill_leftovers(pg)
 
 
 @contextlib.asynccontextmanager

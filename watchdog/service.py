@@ -243,9 +243,6 @@ class Service:
 
     async def _shutdown(self, pinger: asyncio.Task[None] | None) -> None:
         self.notifier.stopping()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
         log.info("stopping: finishing %d sweeps in flight", len(self.inflight))
         self.scheduler.pause()
         if self.inflight:
@@ -264,6 +261,10 @@ class Service:
             )
         self.metrics.close()
         self.alerts.close()
+        # Only now: a second SIGTERM during the shutdown must not kill the sweep in flight.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
         log.info("stopped")
 
 
