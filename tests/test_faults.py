@@ -19,6 +19,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import asyncpg
 import pytest
 from conftest import MAJORS
 from daemon import Daemon, setup_roles, write_config
@@ -305,6 +306,24 @@ async def test_audit_dir_unwritable_signals_nothing(
     assert size(audit.with_name("audit.jsonl.intent")) == 0
 
 
+def _replace_with_a_directory(audit: Path) -> None:
+    audit.rename(audit.with_name("audit.jsonl.away"))
+    audit.mkdir()
+
+
+async def _kills_with_records_held_back(
+    d: Daemon, c: TempCluster, audit: Path
+) -> list[asyncpg.Connection]:
+    """With the audit log replaced by a directory, two victims die (their intents reached the
+    journal) and their final records are held back; the log stays unwritable."""
+    await wait_for(lambda: "connected to" in d.log(), timeout=20, what="connected")
+    _replace_with_a_directory(audit)
+    held = await open_victims(c, 2)
+    await _all_die(c, pids_of(held))
+    await wait_for(lambda: "cannot write audit log" in d.log(), timeout=5, what="error")
+    return held
+
+
 async def test_held_back_records_written_without_waiting_for_another_kill(
     make_cluster, tmp_path: Path
 ) -> None:
@@ -315,12 +334,7 @@ async def test_held_back_records_written_without_waiting_for_another_kill(
     away = tmp_path / "audit.jsonl.away"
     cfg = write_config(tmp_path / "p.yaml", c, idle="1s", interval="250ms")
     with Daemon(cfg) as d:
-        await wait_for(lambda: "connected to" in d.log(), timeout=20, what="connected")
-        audit.rename(away)
-        audit.mkdir()
-        held = await open_victims(c, 2)
-        await _all_die(c, pids_of(held))
-        await wait_for(lambda: "cannot write audit log" in d.log(), timeout=5, what="error")
+        held = await _kills_with_records_held_back(d, c, audit)
         audit.rmdir()
         away.rename(audit)
         await _records_for(audit, pids_of(held), timeout=5)
@@ -340,12 +354,7 @@ async def test_stopped_while_records_held_back_leaves_them_recoverable(
     away = tmp_path / "audit.jsonl.away"
     cfg = write_config(tmp_path / "p.yaml", c, idle="1s", interval="250ms")
     with Daemon(cfg) as d:
-        await wait_for(lambda: "connected to" in d.log(), timeout=20, what="connected")
-        audit.rename(away)
-        audit.mkdir()
-        held = await open_victims(c, 2)
-        await _all_die(c, pids_of(held))
-        await wait_for(lambda: "cannot write audit log" in d.log(), timeout=5, what="error")
+        held = await _kills_with_records_held_back(d, c, audit)
         assert d.stop() == 0
     audit.rmdir()
     away.rename(audit)

@@ -8,6 +8,8 @@ import random
 import time
 from typing import Any
 
+import asyncpg
+
 from watchdog import queries
 from watchdog.audit import AuditError, AuditLog
 from watchdog.config import Config, Target
@@ -16,6 +18,14 @@ from watchdog.sweep import SweepReport, sweep_target
 
 log = logging.getLogger(__name__)
 
+# What a sick server or network raises; anything else escaping a sweep is a bug.
+_SERVER_TROUBLE = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 
@@ -115,6 +125,9 @@ class TargetRunner:
         except AuditError:
             raise
         except Exception as exc:
+            if not isinstance(exc, _SERVER_TROUBLE):
+                # Not the server's doing: a bug of ours. Keep its traceback for the journal.
+                log.exception("%s: sweep failed", self.target.name)
             self.last_error = describe_error(self.target, exc)
             await self._drop()
             raise TargetError(self.last_error) from None
