@@ -14,10 +14,8 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,25 +27,21 @@ import yaml
 from watchdog import review
 from watchdog.config import Config, load_config
 from watchdog.decide import decide
+from watchdog.demo_incident import APP, DemoError, Incident
+from watchdog.demo_incident import LEAK_PACE as LEAK_PACE
+from watchdog.demo_incident import MAX_CONNECTIONS as MAX_CONNECTIONS
 from watchdog.model import APPLICATION_NAME, CLIENT_BACKEND, Snapshot
 from watchdog.service import Service
 from watchdog.snapshot import take_snapshot
-from watchdog.tempcluster import ClusterError, TempCluster, start_cluster
+from watchdog.tempcluster import ClusterError
 from watchdog.units import parse_duration
 
-MAX_CONNECTIONS = 20
-APP = "leaky-app"
 # Thresholds of the seed policies, scaled from minutes to seconds: (idle, idle in transaction).
 THRESHOLDS = {False: (6.0, 4.0), True: (2.0, 1.0)}
-LEAK_PACE = {False: 0.5, True: 0.15}  # seconds between two leaked connections
 SCALED_NAMES = ("idle", "idle-in-transaction")
 # The extras the demo's own (short-lived) environment must not reach: a demo never pages
 # anyone through $SENTRY_DSN, nor talks to a systemd manager it does not belong to.
 _FOREIGN_ENV = ("SENTRY_DSN", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-
-
-class DemoError(Exception):
-    """The demo could not reproduce or heal the incident."""
 
 
 class Interrupted(Exception):
@@ -118,94 +112,8 @@ def demo_policy_text(dsn: str, audit: Path, fast: bool, interval: float = 1.0) -
     return head + yaml.safe_dump(doc, sort_keys=False)
 
 
-class Demo:
+class Demo(Incident):
     """One run of the demo: the cluster, the sessions, the narration."""
-
-    def __init__(self, major: int, fast: bool) -> None:
-        self.major, self.fast = major, fast
-        self.t0 = time.monotonic()
-        self.tmp = Path(tempfile.mkdtemp(prefix="pg-watchdog-demo-"))
-        self.tmp.chmod(0o711)  # the unprivileged server user must reach its data dir inside
-        self.audit = self.tmp / "audit.jsonl"
-        self.cluster: TempCluster | None = None
-        self.conns: list[Any] = []
-        self.spared: set[int] = set()
-        self.announced = False
-        self.audit_offset = 0
-        self.report: asyncio.Task[Any] | None = None
-
-    def say(self, text: str) -> None:
-        print(f"[{time.monotonic() - self.t0:5.1f}s] {text}", flush=True)
-
-    # -- the server ------------------------------------------------------------
-
-    def start_server(self) -> TempCluster:
-        settings = {"reserved_connections": "2"} if self.major >= 16 else {}
-        self.say(f"starting a throwaway PostgreSQL {self.major} in {self.tmp}")
-        c = self.cluster = start_cluster(
-            self.major, max_connections=MAX_CONNECTIONS, settings=settings, base_dir=self.tmp
-        )
-        grants = "pg_monitor, pg_signal_backend"
-        grants += ", pg_use_reserved_connections" if self.major >= 16 else ""
-        c.psql(f"""
-            CREATE ROLE app LOGIN; CREATE ROLE backup LOGIN;
-            CREATE ROLE watchdog LOGIN; GRANT {grants} TO watchdog;
-            CREATE TABLE orders (id int PRIMARY KEY, status text NOT NULL DEFAULT 'new');
-            INSERT INTO orders (id) SELECT generate_series(1, 100);
-            GRANT SELECT, UPDATE ON orders TO app; GRANT SELECT ON orders TO backup;
-        """)
-        reserved = ", reserved_connections=2" if settings else ""
-        self.say(
-            f"server on {c.host}:{c.port}: max_connections={MAX_CONNECTIONS}, "
-            f"superuser_reserved_connections=3{reserved}; role watchdog has {grants}"
-        )
-        return c
-
-    async def connect(self, user: str, app: str) -> Any:
-        assert self.cluster is not None
-        conn = await asyncpg.connect(
-            self.cluster.dsn(user), timeout=5, server_settings={"application_name": app}
-        )
-        self.conns.append(conn)
-        return conn
-
-    # -- the incident ------------------------------------------------------------
-
-    async def incident(self) -> Any:
-        """Fill the server; returns the demo's own observer connection."""
-        observer = await self.connect("postgres", "pg-watchdog-demo")
-        dba = await self.connect("postgres", "dba-console")
-        await dba.execute("SELECT pg_size_pretty(pg_database_size(current_database()))")
-        self.say("a DBA's superuser session (postgres, 'dba-console') sits idle")
-        dump = await self.connect("backup", "pg_dump")
-        await dump.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        await dump.execute("SELECT count(*) FROM orders")
-        self.say("a backup (backup, 'pg_dump') holds its snapshot: idle in transaction")
-        report = await self.connect("app", APP)
-        self.report = asyncio.create_task(report.execute("SELECT pg_sleep(600) -- month-end"))
-        self.say(f"a long report query (app, '{APP}') runs: active")
-        for n in range(1, 4 * MAX_CONNECTIONS):
-            try:
-                conn = await self.connect("app", APP)
-            except asyncpg.PostgresError as exc:
-                if exc.sqlstate != "53300":
-                    raise
-                self.say(f"{APP} cannot open connection {n}; the server answers:")
-                print(
-                    f"         {exc.severity}:  {exc.args[0]}  (SQLSTATE {exc.sqlstate})",
-                    flush=True,
-                )
-                return observer
-            if n % 3 == 0:
-                await conn.execute("BEGIN")
-                await conn.execute("UPDATE orders SET status = 'paid' WHERE id = $1", n)
-                what = f"updates order {n}, never commits: idle in transaction"
-            else:
-                await conn.execute("SELECT count(*) FROM orders WHERE status = 'new'")
-                what = "never returns it to a pool: idle"
-            self.say(f"{APP} opens connection {n}, {what}")
-            await asyncio.sleep(LEAK_PACE[self.fast])
-        raise DemoError(f"the server never refused {APP}: no SQLSTATE 53300")
 
     # -- the healing -------------------------------------------------------------
 
@@ -358,14 +266,6 @@ class Demo:
             parser.parse_args(["--file", str(self.audit), "--summary"]), lambda _: self.audit
         )
         sys.stdout.flush()
-
-    def cleanup(self) -> None:
-        if self.cluster is not None:
-            self.cluster.cleanup()
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        gone = "stopped" if self.cluster is None or not self.cluster.processes() else "NOT stopped"
-        left = "removed" if not self.tmp.exists() else "NOT removed"
-        print(f"\ncleaned up: PostgreSQL {gone}, {self.tmp} {left}", flush=True)
 
 
 def run_demo(args: argparse.Namespace) -> int:
