@@ -99,6 +99,8 @@ def scrub(text: str, secrets: list[str]) -> str:
 
 def describe_error(target: Target, exc: BaseException) -> str:
     """One safe line about why ``target`` failed."""
+    if isinstance(exc, TargetError):
+        return str(exc)  # already safe, and already names the target
     if isinstance(exc, TimeoutError):
         reason = "timed out"
     elif isinstance(exc, asyncpg.TooManyConnectionsError):

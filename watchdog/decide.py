@@ -101,13 +101,6 @@ def _key(session: Session) -> _Key:
 
 def excluded_by(session: Session, ex: Exclusions) -> str | None:
     """The exclusion rule that spares ``session``, or None."""
-    reason = _excluded_static(session, ex)
-    if reason is None and ex.listeners and session.query is not None and _is_listen(session.query):
-        return "listener (last statement was LISTEN)"
-    return reason
-
-
-def _excluded_static(session: Session, ex: Exclusions) -> str | None:
     if ex.superusers and session.rolsuper is not False:
         # Unknown role (NULL rolsuper) is treated as superuser: never guess in favour of killing.
         return "superuser"
@@ -119,6 +112,8 @@ def _excluded_static(session: Session, ex: Exclusions) -> str | None:
         return f"excluded database {session.datname!r}"
     if _in_networks(session.client_addr, ex.client_addrs):
         return f"excluded client address {session.client_addr}"
+    if ex.listeners and session.query is not None and _is_listen(session.query):
+        return "listener (last statement was LISTEN)"
     return None
 
 
@@ -155,7 +150,6 @@ def decide(
     """The actions one sweep of ``target`` takes, oldest first, within limits.max_per_sweep."""
     policies = [p for p in config.policies if p.targets is None or target in p.targets]
     saturation = snapshot.saturation
-    not_yet_due = {p.name: f"{p.name}: not yet due" for p in policies}
     actions: list[Action] = []
     verdicts: list[Verdict] = []
     next_due: float | None = None
@@ -200,7 +194,7 @@ def decide(
                 due = p.longer_than - age
                 next_due = due if next_due is None else min(next_due, due)
                 if explain:
-                    reason = "; ".join([*why_not, not_yet_due[p.name]])
+                    reason = "; ".join([*why_not, f"{p.name}: not yet due"])
                     verdict = Verdict(s, p.name, reason, False, due)
                 break
             actions.append(

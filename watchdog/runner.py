@@ -70,9 +70,7 @@ class TargetRunner:
             # Full jitter keeps several watchdogs from reconnecting in lockstep.
             delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(self.failures, 16))
             self.retry_at = time.monotonic() + random.uniform(delay / 2, delay)
-            self.last_error = (
-                str(exc) if isinstance(exc, TargetError) else describe_error(self.target, exc)
-            )
+            self.last_error = describe_error(self.target, exc)
             log.warning(
                 "%s; next attempt in %.1fs", self.last_error, self.retry_at - time.monotonic()
             )

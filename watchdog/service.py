@@ -246,7 +246,9 @@ class Service:
         log.info("stopping: finishing %d sweeps in flight", len(self.inflight))
         self.scheduler.pause()
         if self.inflight:
-            await asyncio.wait(set(self.inflight), timeout=25)
+            # Each sweep ends by its own timeout at the latest.
+            longest = max(sweep_timeout(t.interval) for t in self.config.targets)
+            await asyncio.wait(set(self.inflight), timeout=longest + 5)
         self.scheduler.shutdown(wait=False)
         if pinger is not None:
             pinger.cancel()

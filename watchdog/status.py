@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from watchdog.config import Config, Target
-from watchdog.connect import STATEMENT_TIMEOUT, TargetError, connect, describe_error, server_address
+from watchdog.connect import STATEMENT_TIMEOUT, connect, describe_error, server_address
 from watchdog.decide import decide
 from watchdog.model import CLIENT_BACKEND, Session, Snapshot, Verdict
 from watchdog.review_render import dumps_line, fit
@@ -233,8 +233,7 @@ class _Held:
             snapshot = await take_snapshot(held[0], timeout=STATEMENT_TIMEOUT)
         except Exception as exc:
             await self.drop(target.name)
-            msg = str(exc) if isinstance(exc, TargetError) else describe_error(target, exc)
-            return {"target": target.name, "error": msg}
+            return {"target": target.name, "error": describe_error(target, exc)}
         return build_report(config, target, held[1], snapshot, explain)
 
     async def drop(self, name: str) -> None:

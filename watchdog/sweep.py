@@ -48,10 +48,9 @@ async def sweep_target(
     snapshot = await take_snapshot(conn, timeout=STATEMENT_TIMEOUT)
     decision = decide(snapshot, config, target.name, dry_run=dry_run, explain=False)
     report = SweepReport(target.name, server, snapshot, decision, leader)
-    if audit.backlog:
-        # Records held back by a failed write go out as soon as the log takes them again,
-        # not only when another action comes; AuditError while it still fails.
-        audit.flush_backlog()
+    # Records held back by a failed write go out as soon as the log takes them again,
+    # not only when another action comes; AuditError (nothing signalled) while it fails.
+    audit.flush_backlog()
     if not leader or not decision.actions:
         report.duration = time.monotonic() - started
         return report
@@ -67,7 +66,6 @@ async def sweep_target(
 
     if live:
         # Write-ahead: no signal leaves before its intent is on disk.
-        audit.flush_backlog()
         audit.write_intents(records([Outcome(a, "intent") for a in live]))
         try:
             outcomes += await execute(conn, live, timeout=STATEMENT_TIMEOUT)
