@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from watchdog.units import format_duration
+
 ELLIPSIS = "…"
 _NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 # Controls, format characters (bidi overrides, zero-width), lone surrogates, line separators.
@@ -87,16 +89,8 @@ def human_age(value: object) -> str:
     if not math.isfinite(value) or value < 0:
         return ""
     seconds = int(value)
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours}h{minutes:02d}m"
-    days, hours = divmod(hours, 24)
-    return f"{days}d{hours:02d}h"
+    # Whole seconds in the table; past a minute, the same form as everywhere else.
+    return f"{seconds}s" if seconds < 60 else format_duration(seconds)
 
 
 def _text(value: object) -> str:
