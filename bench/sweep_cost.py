@@ -106,7 +106,7 @@ async def measure(
             results["sweep"] += await _samples_ms(sweep, runs // rounds)
         rows = len(await bare())
         # Where the time goes, outside the server: decoding vs building Sessions vs deciding.
-        raw = await conn.fetch(queries.SNAPSHOT)
+        raw = await conn.fetch(queries.SNAPSHOT, [])
         t = time.perf_counter()
         snap = await take_snapshot(conn)
         t_snap = time.perf_counter() - t

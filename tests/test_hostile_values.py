@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 import asyncpg
 import pytest
 import yaml
+from helpers import wait_for
 from scenario import WATCHDOG_ROLE, run_cli, setup_roles
 
 from watchdog.tempcluster import TempCluster
@@ -247,3 +250,83 @@ async def test_megabyte_queries_reach_the_audit_log_per_mode(
         review = await run_cli("audit", "--file", audit, timeout=60)
         assert review.rc == 0, review.stderr
         table_rows(review.stdout, 1)
+
+
+# -- text the server does not convert ---------------------------------------------------
+# "é" in a LATIN1 database is the single byte 0xE9; a SQL_ASCII database keeps whatever bytes
+# the client sent. The watchdog's own database is UTF8, so both reach it as invalid UTF-8.
+NON_UTF8 = {"latin1_db": "LATIN1", "ascii_db": "SQL_ASCII"}
+
+
+@pytest.fixture(scope="module")
+def encodings(cluster: TempCluster) -> TempCluster:
+    cluster.psql("\n".join(
+        f"CREATE DATABASE {name} ENCODING '{enc}' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C';"
+        f" GRANT ALL ON DATABASE {name} TO app;"
+        for name, enc in NON_UTF8.items()
+    ))
+    # A role created from a LATIN1 session: its name is stored as LATIN1 bytes.
+    psql_run(cluster, "latin1_db", "postgres", b"CREATE ROLE \"jos\xe9\" LOGIN;\n")
+    return cluster
+
+
+def _psql(pg: TempCluster, database: str, user: str, app: str) -> tuple[list[str], dict[str, str]]:
+    cmd = [str(pg.bindir / "psql"), "-XAtq", "-v", "ON_ERROR_STOP=1", "-h", pg.host,
+           "-p", str(pg.port), "-U", user, "-d", database]
+    env = {"PATH": os.environ.get("PATH", ""), "PGCLIENTENCODING": "LATIN1", "PGAPPNAME": app}
+    return cmd, env
+
+
+def psql_raw(pg: TempCluster, database: str, user: str, sql: bytes,
+             app: str = "encoding-victim") -> subprocess.Popen[bytes]:
+    """psql sending ``sql`` as raw LATIN1 bytes, then staying connected, idle."""
+    cmd, env = _psql(pg, database, user, app)
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    assert proc.stdin is not None
+    proc.stdin.write(sql)
+    proc.stdin.flush()
+    return proc
+
+
+def psql_run(pg: TempCluster, database: str, user: str, sql: bytes) -> None:
+    cmd, env = _psql(pg, database, user, "admin")
+    res = subprocess.run(cmd, input=sql, capture_output=True, env=env, timeout=30, check=False)
+    assert res.returncode == 0, res.stderr
+
+
+async def test_bytes_that_are_not_utf8_never_blind_a_sweep_and_reach_the_audit_log(
+    encodings: TempCluster, admin: asyncpg.Connection, tmp_path: Path,
+) -> None:
+    victims = [
+        psql_raw(encodings, "latin1_db", "app", b"SELECT 'caf\xe9';\n"),
+        psql_raw(encodings, "ascii_db", "app", b"SELECT 'na\xefve \xff\xfe';\n"),
+        psql_raw(encodings, "latin1_db", "jos\xe9".encode("latin-1"), b"SELECT 'ol\xe9';\n"),
+    ]
+    try:
+        async def idle() -> bool:
+            n = await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE"
+                                     " application_name = 'encoding-victim' AND state = 'idle'")
+            return int(n) == len(victims)
+
+        await wait_for(idle, timeout=20, what="the psql victims to sit idle")
+        await asyncio.sleep(THRESHOLD + 0.2)
+        audit = tmp_path / "audit.jsonl"
+        config = policy_file(tmp_path / "p.yaml", encodings, audit, "full", ["encoding-victim"])
+        status = await run_cli("status", "-c", config, "--explain")
+        assert status.rc == 0 and "Traceback" not in status.stderr, status.stderr
+        once = await run_cli("once", "-c", config)
+        assert once.rc == 0 and "Traceback" not in once.stderr, once.stderr
+        records = {r["query"]: r for r in audit_lines(audit)}
+        # Lossless: valid UTF-8 stays as it is, every other byte is kept as \xNN.
+        assert set(records) == {"SELECT 'caf\\xe9';", "SELECT 'na\\xefve \\xff\\xfe';",
+                                "SELECT 'ol\\xe9';"}, records
+        assert all(r["outcome"] == "terminated" for r in records.values())
+        assert records["SELECT 'ol\\xe9';"]["usename"] == "jos\\xe9"
+        assert records["SELECT 'caf\\xe9';"]["datname"] == "latin1_db"
+    finally:
+        for proc in victims:
+            proc.kill()
+            proc.wait(10)
+            assert proc.stdin is not None
+            proc.stdin.close()

@@ -14,7 +14,7 @@ async def test_snapshot_columns_start_with_the_session_fields_in_order(pg: TempC
     # take_snapshot builds Sessions positionally: the query and the type must agree.
     conn = await connect(pg)
     try:
-        row = (await conn.fetch(queries.SNAPSHOT))[0]
+        row = (await conn.fetch(queries.SNAPSHOT, []))[0]
         assert list(row.keys())[: len(Session._fields)] == list(Session._fields)
     finally:
         await conn.close()

@@ -27,6 +27,14 @@ class Session(NamedTuple):
     query_start: datetime | None
     query: str | None
     leader_pid: int | None = None
+    client_port: int | None = None
+    # The roles named by member_of rules that this session's role is a member of.
+    member_of: tuple[str, ...] = ()
+    # Set only while the session waits on a lock: the pids ahead of it (pg_blocking_pids)
+    # and when the wait began (pg_locks.waitstart; None for the instant before it is set).
+    blocked_by: tuple[int, ...] | None = None
+    wait_start: datetime | None = None
+    xmin_age: int | None = None  # transactions since backend_xmin: how far it holds back vacuum
 
     def since(self, measured_from: str) -> datetime | None:
         """The timestamp a policy measures this session's age from."""
@@ -45,6 +53,7 @@ class Snapshot:
     superuser_reserved: int
     reserved: int
     sessions: tuple[Session, ...] = field(default=())
+    in_recovery: bool = False  # a hot standby
 
     @property
     def capacity(self) -> int:

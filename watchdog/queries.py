@@ -6,20 +6,50 @@ is ever formatted into SQL text.
 
 # One statement per sweep: the sessions, the server's clock and its slot limits.
 # now() is the statement's start, the same instant pg_stat_activity is read.
+#
+# Text the server does not convert comes as bytes (textsend): pg_stat_activity.query of a
+# session in another database is that database's encoding, and role and database names are
+# in whatever encoding created them. Decoding them as UTF-8 would fail the whole look on
+# one LATIN1 or SQL_ASCII byte, so snapshot.py decodes them itself, losslessly.
+#
+# $1 lists the roles that member_of rules name: each session carries those its role is a
+# member of (directly or through other roles), computed once per role, not per session.
+# Lock waits are read only for sessions waiting on a lock (the MATERIALIZED CTE is scanned
+# on first use only), so the statement costs nothing more while nobody waits.
 SNAPSHOT = """
-SELECT a.pid, coalesce(a.backend_type, '') AS backend_type, a.backend_start, a.usename,
-       r.rolsuper, a.datname, coalesce(a.application_name, '') AS application_name,
+WITH wanted AS (
+    SELECT oid, rolname FROM pg_roles WHERE rolname = ANY($1::text[])
+), membership AS (
+    SELECT r.oid, array_agg(w.rolname::text ORDER BY w.rolname) AS member_of
+    FROM pg_roles r JOIN wanted w ON pg_has_role(r.oid, w.oid, 'MEMBER')
+    GROUP BY r.oid
+), waits AS MATERIALIZED (
+    SELECT pid, min(waitstart) AS wait_start FROM pg_locks WHERE NOT granted GROUP BY pid
+)
+SELECT a.pid, coalesce(a.backend_type, '') AS backend_type, a.backend_start,
+       textsend(a.usename::text) AS usename,
+       r.rolsuper, textsend(a.datname::text) AS datname,
+       coalesce(a.application_name, '') AS application_name,
        host(a.client_addr) AS client_addr, a.state, a.state_change,
-       a.xact_start, a.query_start, a.query, a.leader_pid,
-       s.now, s.own_pid, s.version_num, s.max_connections, s.su_reserved, s.reserved
+       a.xact_start, a.query_start, textsend(a.query) AS query, a.leader_pid,
+       a.client_port, coalesce(m.member_of, '{}') AS member_of,
+       CASE WHEN a.wait_event_type = 'Lock' THEN pg_blocking_pids(a.pid) END AS blocked_by,
+       CASE WHEN a.wait_event_type = 'Lock'
+            THEN (SELECT w.wait_start FROM waits w WHERE w.pid = a.pid)
+       END AS wait_start,
+       age(a.backend_xmin) AS xmin_age,
+       s.now, s.own_pid, s.version_num, s.max_connections, s.su_reserved, s.reserved,
+       s.in_recovery
 FROM (SELECT now() AS now,
              pg_backend_pid() AS own_pid,
              current_setting('server_version_num')::int AS version_num,
              current_setting('max_connections')::int AS max_connections,
              current_setting('superuser_reserved_connections')::int AS su_reserved,
-             coalesce(current_setting('reserved_connections', true), '0')::int AS reserved) s
+             coalesce(current_setting('reserved_connections', true), '0')::int AS reserved,
+             pg_is_in_recovery() AS in_recovery) s
 LEFT JOIN pg_stat_activity a ON true
 LEFT JOIN pg_roles r ON r.oid = a.usesysid
+LEFT JOIN membership m ON m.oid = a.usesysid
 """
 
 # The race-safe action, for a whole batch in one statement. Each backend is
