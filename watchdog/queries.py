@@ -13,16 +13,18 @@ is ever formatted into SQL text.
 # one LATIN1 or SQL_ASCII byte, so snapshot.py decodes them itself, losslessly.
 #
 # $1 lists the roles that member_of rules name: each session carries those its role is a
-# member of (directly or through other roles), computed once per role, not per session.
+# member of, directly or through other roles (pg_auth_members walked down from the listed
+# roles; unlike pg_has_role, a superuser is no implicit member of everything). The walk is
+# per role, not per session, and costs nothing when no rule names a role.
 # Lock waits are read only for sessions waiting on a lock (the MATERIALIZED CTE is scanned
 # on first use only), so the statement costs nothing more while nobody waits.
 SNAPSHOT = """
-WITH wanted AS (
+WITH RECURSIVE members(oid, rolname) AS (
     SELECT oid, rolname FROM pg_roles WHERE rolname = ANY($1::text[])
+  UNION
+    SELECT am.member, m.rolname FROM pg_auth_members am JOIN members m ON am.roleid = m.oid
 ), membership AS (
-    SELECT r.oid, array_agg(w.rolname::text ORDER BY w.rolname) AS member_of
-    FROM pg_roles r JOIN wanted w ON pg_has_role(r.oid, w.oid, 'MEMBER')
-    GROUP BY r.oid
+    SELECT oid, array_agg(rolname::text ORDER BY rolname) AS member_of FROM members GROUP BY oid
 ), waits AS MATERIALIZED (
     SELECT pid, min(waitstart) AS wait_start FROM pg_locks WHERE NOT granted GROUP BY pid
 )
