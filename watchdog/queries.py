@@ -120,3 +120,24 @@ SELECT current_user AS role, r.rolsuper,
          WHERE u.rolname = 'pg_use_reserved_connections') AS use_reserved
 FROM pg_roles r WHERE r.rolname = current_user
 """
+
+# `check --connect`, managed services: which of $1 (the roles member_of rules name, and the
+# providers' admin roles) exist, and the login roles that look like admins with the roles of
+# $1 each is a member of. The watchdog's own role is always listed (is_self).
+ROLES_PRESENT = "SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1::text[]) ORDER BY 1"
+ADMIN_ROLES = """
+WITH wanted AS (
+    SELECT oid, rolname FROM pg_roles WHERE rolname = ANY($1::text[])
+), roles AS (
+    SELECT r.rolname::text AS rolname, r.rolsuper, r.rolcreaterole, r.rolcreatedb,
+           r.rolname = current_user AS is_self,
+           ARRAY(SELECT w.rolname::text FROM wanted w
+                 WHERE pg_has_role(r.oid, w.oid, 'MEMBER') ORDER BY 1) AS member_of
+    FROM pg_roles r
+    WHERE r.rolcanlogin OR r.rolname = current_user
+)
+SELECT * FROM roles
+WHERE is_self OR rolcreaterole OR rolcreatedb OR rolname ILIKE '%admin%'
+   OR member_of && $2::text[]
+ORDER BY is_self DESC, rolname
+"""
