@@ -13,16 +13,18 @@ is ever formatted into SQL text.
 # one LATIN1 or SQL_ASCII byte, so snapshot.py decodes them itself, losslessly.
 #
 # $1 lists the roles that member_of rules name: each session carries those its role is a
-# member of (directly or through other roles), computed once per role, not per session.
+# member of (directly or through other roles; a role is a member of itself), computed once
+# per role, not per session, by walking pg_auth_members down from the listed roles: not
+# pg_has_role(), which counts a superuser as a member of every role.
 # Lock waits are read only for sessions waiting on a lock (the MATERIALIZED CTE is scanned
 # on first use only), so the statement costs nothing more while nobody waits.
 SNAPSHOT = """
-WITH wanted AS (
-    SELECT oid, rolname FROM pg_roles WHERE rolname = ANY($1::text[])
+WITH RECURSIVE members(oid, rolname) AS (
+    SELECT oid, rolname::text FROM pg_roles WHERE rolname = ANY($1::text[])
+    UNION
+    SELECT a.member, m.rolname FROM members m JOIN pg_auth_members a ON a.roleid = m.oid
 ), membership AS (
-    SELECT r.oid, array_agg(w.rolname::text ORDER BY w.rolname) AS member_of
-    FROM pg_roles r JOIN wanted w ON pg_has_role(r.oid, w.oid, 'MEMBER')
-    GROUP BY r.oid
+    SELECT oid, array_agg(rolname ORDER BY rolname) AS member_of FROM members GROUP BY oid
 ), waits AS MATERIALIZED (
     SELECT pid, min(waitstart) AS wait_start FROM pg_locks WHERE NOT granted GROUP BY pid
 )
@@ -126,13 +128,14 @@ FROM pg_roles r WHERE r.rolname = current_user
 # $1 each is a member of. The watchdog's own role is always listed (is_self).
 ROLES_PRESENT = "SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1::text[]) ORDER BY 1"
 ADMIN_ROLES = """
-WITH wanted AS (
-    SELECT oid, rolname FROM pg_roles WHERE rolname = ANY($1::text[])
+WITH RECURSIVE members(oid, rolname) AS (  -- as in SNAPSHOT
+    SELECT oid, rolname::text FROM pg_roles WHERE rolname = ANY($1::text[])
+    UNION
+    SELECT a.member, m.rolname FROM members m JOIN pg_auth_members a ON a.roleid = m.oid
 ), roles AS (
     SELECT r.rolname::text AS rolname, r.rolsuper, r.rolcreaterole, r.rolcreatedb,
            r.rolname = current_user AS is_self,
-           ARRAY(SELECT w.rolname::text FROM wanted w
-                 WHERE pg_has_role(r.oid, w.oid, 'MEMBER') ORDER BY 1) AS member_of
+           ARRAY(SELECT m.rolname FROM members m WHERE m.oid = r.oid ORDER BY 1) AS member_of
     FROM pg_roles r
     WHERE r.rolcanlogin OR r.rolname = current_user
 )
