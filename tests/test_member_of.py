@@ -6,6 +6,8 @@ least-privilege ``watchdog`` role (pg_monitor, pg_signal_backend)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -255,3 +257,31 @@ async def test_snapshot_lists_real_memberships_not_a_superusers_blanket_one(
     assert by_pid[sessions["dba2"].get_server_pid()] == ("ops", "rds_superuser")
     assert by_pid[sessions["app"].get_server_pid()] == ()
     assert by_pid[admin.get_server_pid()] == ()  # postgres, a superuser
+
+
+async def test_check_connect_survives_a_role_name_that_is_not_utf8(
+    pg: TempCluster, admin: asyncpg.Connection, tmp_path: Path,
+) -> None:
+    # Created from a LATIN1 database, the name is stored as the byte 0xE9: no UTF-8.
+    rds_layout(pg)
+    pg.psql("SELECT 'CREATE DATABASE latin1_roles ENCODING ''LATIN1'' TEMPLATE template0"
+            " LC_COLLATE ''C'' LC_CTYPE ''C''' WHERE NOT EXISTS"
+            " (SELECT FROM pg_database WHERE datname = 'latin1_roles') \\gexec")
+    cmd = [str(pg.bindir / "psql"), "-XAtq", "-v", "ON_ERROR_STOP=1", "-h", pg.host,
+           "-p", str(pg.port), "-U", "postgres", "-d", "latin1_roles"]
+    env = {"PATH": os.environ.get("PATH", ""), "PGCLIENTENCODING": "LATIN1"}
+
+    def latin1(sql: bytes) -> None:
+        res = subprocess.run(cmd, input=sql, capture_output=True, env=env, timeout=30,
+                             check=False)
+        assert res.returncode == 0, res.stderr
+
+    latin1(b'CREATE ROLE "jos\xe9_admin" LOGIN;\n')
+    try:
+        res = await run_cli("check", "--connect", "-c", write_policy(tmp_path, pg,
+                                                                      shipped_exclude()))
+        assert res.rc == 0, (res.stdout, res.stderr)
+        [warn] = [line for line in check_lines(res.stdout) if "admin-looking" in line]
+        assert '"jos\\xe9_admin" (named like an admin)' in warn, warn
+    finally:
+        latin1(b'DROP ROLE "jos\xe9_admin";\n')

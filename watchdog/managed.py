@@ -14,6 +14,7 @@ from typing import Any
 from watchdog import queries
 from watchdog.config import Config, Exclusions
 from watchdog.model import CLIENT_BACKEND, Snapshot
+from watchdog.snapshot import server_text
 
 # A role whose existence gives the provider away (rdsadmin is RDS's own superuser).
 PROVIDER_ROLES = {
@@ -69,8 +70,8 @@ async def read_roles(conn: Any, config: Config, timeout: float) -> RoleFacts:
     present = await conn.fetch(queries.ROLES_PRESENT, wanted, timeout=timeout)
     rows = await conn.fetch(queries.ADMIN_ROLES, wanted, list(ADMIN_GROUPS), timeout=timeout)
     roles = tuple(
-        Role(r["rolname"], r["rolsuper"], r["rolcreaterole"], r["rolcreatedb"], r["is_self"],
-             tuple(r["member_of"]))
+        Role(server_text(r["rolname"]) or "", r["rolsuper"], r["rolcreaterole"],
+             r["rolcreatedb"], r["is_self"], tuple(r["member_of"]))
         for r in rows
     )
     return RoleFacts(frozenset(r[0] for r in present), roles)

@@ -125,21 +125,25 @@ FROM pg_roles r WHERE r.rolname = current_user
 
 # `check --connect`, managed services: which of $1 (the roles member_of rules name, and the
 # providers' admin roles) exist, and the login roles that look like admins with the roles of
-# $1 each is a member of. The watchdog's own role is always listed (is_self).
+# $1 each is a member of. The watchdog's own role is always listed (is_self). Names come as
+# bytes, as in SNAPSHOT: a role created from a LATIN1 session is no UTF-8.
 ROLES_PRESENT = "SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1::text[]) ORDER BY 1"
 ADMIN_ROLES = """
 WITH RECURSIVE members(oid, rolname) AS (  -- as in SNAPSHOT
     SELECT oid, rolname::text FROM pg_roles WHERE rolname = ANY($1::text[])
     UNION
     SELECT a.member, m.rolname FROM members m JOIN pg_auth_members a ON a.roleid = m.oid
+), membership AS (
+    SELECT oid, array_agg(rolname ORDER BY rolname) AS member_of FROM members GROUP BY oid
 ), roles AS (
-    SELECT r.rolname::text AS rolname, r.rolsuper, r.rolcreaterole, r.rolcreatedb,
-           r.rolname = current_user AS is_self,
-           ARRAY(SELECT m.rolname FROM members m WHERE m.oid = r.oid ORDER BY 1) AS member_of
-    FROM pg_roles r
+    SELECT r.rolname, r.rolsuper, r.rolcreaterole, r.rolcreatedb,
+           r.rolname = current_user AS is_self, coalesce(m.member_of, '{}') AS member_of
+    FROM pg_roles r LEFT JOIN membership m ON m.oid = r.oid
     WHERE r.rolcanlogin OR r.rolname = current_user
 )
-SELECT * FROM roles
+SELECT textsend(rolname::text) AS rolname, rolsuper, rolcreaterole, rolcreatedb, is_self,
+       member_of
+FROM roles
 WHERE is_self OR rolcreaterole OR rolcreatedb OR rolname ILIKE '%admin%'
    OR member_of && $2::text[]
 ORDER BY is_self DESC, rolname
