@@ -285,3 +285,18 @@ async def test_check_connect_survives_a_role_name_that_is_not_utf8(
         assert '"jos\\xe9_admin" (named like an admin)' in warn, warn
     finally:
         latin1(b'DROP ROLE "jos\xe9_admin";\n')
+
+
+def test_member_roles_is_the_sorted_union_of_every_member_of_rule(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "targets: [{name: main}]\n"
+        "exclude: {member_of: [rds_superuser, ops]}\n"
+        "policies:\n"
+        "  - {name: a, state: idle, longer_than: 1m, member_of: dev}\n"  # one name: a list of one
+        "  - {name: b, state: idle, longer_than: 1m, exclude: {member_of: [ops, \"Ünïcode\"]}}\n"
+    )
+    config = load_config(str(path), environ={})
+    assert config.exclude.member_of == ("rds_superuser", "ops")
+    assert config.policies[0].member_of == ("dev",)
+    assert config.member_roles() == ("dev", "ops", "rds_superuser", "Ünïcode")
