@@ -3,7 +3,7 @@
 Hypothesis draws snapshots (backend types, states including NULL, superusers and NULL
 rolsuper, excluded applications and addresses, LISTEN queries, parallel workers, the
 watchdog's own pid, timestamps on and around the thresholds) and valid configurations
-(policies with states, thresholds, filters, exclusions, `when`, dry_run, targets,
+(policies with states, thresholds, filters, exclusions (member_of too), `when`, dry_run, targets,
 max_per_sweep). The oracle below re-derives every rule from SPEC sections 2 and 5 without
 calling watchdog.decide's helpers; `decide()` must agree with it.
 
@@ -68,6 +68,10 @@ QUERIES: dict[str | None, bool] = {
     "-- LISTEN x": False,
     None: False,
 }
+# The roles member_of rules name, and what the snapshot lists a session's role a member of.
+ROLES = ("rds_superuser", "ops", "dev")
+MEMBERSHIPS = ((), (), ("rds_superuser",), ("ops",), ("dev", "ops"),
+               ("dev", "ops", "rds_superuser"))
 BACKEND_TYPES = ("autovacuum worker", "autovacuum launcher", "walsender", "background worker",
                  "parallel worker", "logical replication worker", "io worker", "checkpointer",
                  "")
@@ -132,6 +136,7 @@ def session_from(pid: int, d: Digits) -> Session:
         state_change=ts(20),
         xact_start=ts(3),
         query_start=ts(20),
+        member_of=d.pick(MEMBERSHIPS),
     )
 
 
@@ -162,6 +167,7 @@ def exclusions_from(d: Digits) -> Exclusions:
         databases=d.subset(DB_GLOBS, 5),
         client_addrs=d.subset(NETS, 5),
         listeners=d.chance(2),
+        member_of=d.subset(ROLES, 4),
     )
 
 
@@ -186,6 +192,7 @@ def policy_from(name: str, d: Digits) -> Policy:
         dry_run=d.chance(5),
         targets=d.pick((("main",), ("replica",), TARGETS)) if d.chance(4) else None,
         connections_above=d.pick((0.05, 0.5, 0.75, 0.9, 1.0)) if d.chance(4) else None,
+        member_of=d.subset(ROLES, 6),
     )
 
 
@@ -246,14 +253,16 @@ def excluded(s: Session, ex: Exclusions) -> bool:
             or _globbed(s.application_name, ex.applications)
             or _globbed(s.datname, ex.databases)
             or _in_nets(s.client_addr, ex.client_addrs)
-            or (ex.listeners and QUERIES[s.query]))
+            or (ex.listeners and QUERIES[s.query])
+            or bool(set(ex.member_of) & set(s.member_of)))
 
 
 def within_filters(s: Session, p: Policy) -> bool:
     return ((not p.users or _globbed(s.usename, p.users))
             and (not p.applications or _globbed(s.application_name, p.applications))
             and (not p.databases or _globbed(s.datname, p.databases))
-            and (not p.client_addrs or _in_nets(s.client_addr, p.client_addrs)))
+            and (not p.client_addrs or _in_nets(s.client_addr, p.client_addrs))
+            and (not p.member_of or bool(set(p.member_of) & set(s.member_of))))
 
 
 def saturation(snap: Snapshot) -> float:

@@ -25,7 +25,8 @@ IDLE_10M = 600.0
 
 # The shipped global exclusions (policies/default.yaml).
 DEFAULT_EXCLUDE = Exclusions(
-    superusers=True, applications=("pg_dump*", "pg_basebackup", "psql"), listeners=True
+    superusers=True, applications=("pg_dump*", "pg_basebackup", "psql"), listeners=True,
+    member_of=("rds_superuser", "azure_pg_admin", "cloudsqlsuperuser"),
 )
 
 
@@ -49,6 +50,7 @@ def session(
     query_for: float | None = None,
     backend_for: float | None = 86400.0,
     leader_pid: int | None = None,
+    member_of: tuple[str, ...] = (),
 ) -> Session:
     """A session in ``state`` since ``idle_for`` seconds (state_change) before NOW."""
     return Session(
@@ -66,6 +68,7 @@ def session(
         query_start=ago(query_for if query_for is not None else idle_for),
         query=query,
         leader_pid=leader_pid,
+        member_of=member_of,
     )
 
 
@@ -180,6 +183,15 @@ SPARED_BY_EXCLUDE = [
      "excluded client address"),
     ("excluded_ipv6_loopback_is_spared", {"addr": "::1"},
      Exclusions(client_addrs=(ipaddress.ip_network("::1/128"),)), "excluded client address"),
+    ("member_of_rds_superuser_is_spared_by_the_shipped_exclusions",
+     {"user": "dba", "member_of": ("rds_superuser",)}, DEFAULT_EXCLUDE,
+     "member of rds_superuser"),
+    ("member_of_azure_pg_admin_is_spared_by_the_shipped_exclusions",
+     {"user": "azadmin", "member_of": ("azure_pg_admin",)}, DEFAULT_EXCLUDE,
+     "member of azure_pg_admin"),
+    ("member_of_names_the_first_listed_role_the_session_is_in",
+     {"member_of": ("ops", "rds_superuser")}, Exclusions(member_of=("rds_superuser", "ops")),
+     "member of rds_superuser"),
     ("listener_is_spared", {"query": "LISTEN jobs"}, DEFAULT_EXCLUDE, "listener"),
     ("listener_lowercase_is_spared", {"query": "listen jobs"}, DEFAULT_EXCLUDE, "listener"),
     ("listener_with_leading_whitespace_is_spared", {"query": " \n\t Listen \"Jobs\""},
@@ -229,6 +241,9 @@ NOT_EXCLUDED = [
     ("identifier_starting_with_listen_is_not_a_listener", {"query": "listener_poll()"},
      DEFAULT_EXCLUDE),
     ("null_query_is_not_a_listener", {"query": None}, DEFAULT_EXCLUDE),
+    ("member_of_another_role_is_terminated", {"member_of": ("ops",)}, DEFAULT_EXCLUDE),
+    ("member_of_is_an_exact_role_not_a_glob", {"member_of": ("rds_superuser",)},
+     Exclusions(member_of=("rds_*",))),
 ]
 
 
@@ -375,6 +390,12 @@ POLICY_FILTERS = [
     ("policy_exclude_database_spares", {"exclude": Exclusions(databases=("appdb",))}, {}, False),
     ("policy_exclude_cidr_spares",
      {"exclude": Exclusions(client_addrs=(ipaddress.ip_network("10.0.0.0/8"),))}, {}, False),
+    ("policy_member_of_match_acts", {"member_of": ("ops",)}, {"member_of": ("ops",)}, True),
+    ("policy_member_of_any_listed_role_acts", {"member_of": ("dev", "ops")},
+     {"member_of": ("ops",)}, True),
+    ("policy_member_of_mismatch_spares", {"member_of": ("ops",)}, {}, False),
+    ("policy_exclude_member_of_spares", {"exclude": Exclusions(member_of=("ops",))},
+     {"member_of": ("ops",)}, False),
     ("policy_exclude_superusers_spares_even_when_global_does_not",
      {"exclude": Exclusions(superusers=True)}, {"rolsuper": True}, False),
     ("policy_exclude_listeners_spares_even_when_global_does_not",
@@ -399,6 +420,28 @@ def test_policy_exclusion_lets_a_later_policy_act() -> None:
                  policy("strict"))
     d = decide(snapshot(session(100)), cfg, TARGET)
     assert_acted(d, 100, by="strict")
+
+
+def test_member_of_policy_filter_explains_why_a_non_member_is_left_alone() -> None:
+    cfg = config(policy("ops-only", member_of=("ops",)), exclude=Exclusions())
+    d = decide(snapshot(session(100)), cfg, TARGET)
+    assert_spared(d, 100, "ops-only: role not a member of the policy's member_of")
+
+
+def test_sessions_alike_but_for_membership_get_their_own_answers() -> None:
+    # decide() caches one answer per application-alike group: membership is part of the key.
+    same = {"user": "dba", "app": "dbeaver", "db": "appdb", "addr": "10.1.2.3"}
+    snap = snapshot(session(100, **same), session(101, **same, member_of=("rds_superuser",)),
+                    session(102, **same))
+    d = decide(snap, config(), TARGET)
+    assert sorted(acted_pids(d)) == [100, 102]
+    assert_spared(d, 101, "member of rds_superuser")
+    pol = config(policy("ops-only", member_of=("ops",)), exclude=Exclusions())
+    snap = snapshot(session(100, **same, member_of=("ops",)), session(101, **same),
+                    session(102, **same, member_of=("ops",)))
+    d = decide(snap, pol, TARGET)
+    assert sorted(acted_pids(d)) == [100, 102]
+    assert_spared(d, 101, "role not a member")
 
 
 # -- policy order --------------------------------------------------------------

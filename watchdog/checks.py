@@ -17,6 +17,7 @@ from typing import Any
 from watchdog import queries
 from watchdog.config import Config, Target
 from watchdog.connect import STATEMENT_TIMEOUT, TargetError, connect, describe_error, server_address
+from watchdog.managed import RoleFacts, killable, members_now, read_roles
 from watchdog.model import CLIENT_BACKEND, Snapshot
 from watchdog.review_render import fit
 from watchdog.snapshot import take_snapshot
@@ -139,18 +140,68 @@ def _headroom(snapshot: Snapshot, config: Config, sees_all: bool) -> Check:
     return Check(OK, text)
 
 
-def judge(row: Any, server: str, snapshot: Snapshot, config: Config) -> list[Check]:
-    """Every check of one reachable target, from its role row and snapshot."""
+def _recovery(snapshot: Snapshot) -> Check:
+    if snapshot.in_recovery:
+        return Check(OK, "server is a hot standby (in recovery): sweeps and leadership work"
+                         " there as on a primary")
+    return Check(OK, "server is a primary (not in recovery)")
+
+
+def _member_roles(config: Config, facts: RoleFacts, snapshot: Snapshot) -> list[Check]:
+    listed = config.member_roles()
+    if not listed:
+        return []
+    here = []
+    for r in (r for r in listed if r in facts.present):
+        n = members_now(snapshot, r)
+        verb = "spares" if r in config.exclude.member_of else "matches"
+        here.append(f"{r} ({verb} {n} current session{'s' if n != 1 else ''})")
+    absent = [r for r in listed if r not in facts.present]
+    text = f"member_of roles here: {', '.join(here) or 'none'}"
+    if absent:
+        text += f"; not on this server (no error): {', '.join(absent)}"
+    return [Check(OK, text)]
+
+
+def _layout(facts: RoleFacts) -> list[Check]:
+    return [
+        Check(OK, f"{name} layout (role {role} exists): its admin logins are no superusers;"
+                  " exclude.member_of spares them")
+        for name, role in facts.layouts().items()
+    ]
+
+
+def _admins(config: Config, target: str, facts: RoleFacts) -> list[Check]:
+    at_risk = [r for r in facts.roles if r.admin_signs() and killable(r, config, target)]
+    if not at_risk:
+        return []
+    shown = [
+        ("the watchdog's own role " if r.is_self else "")
+        + f"{quote_ident(r.name)} ({', '.join(r.admin_signs())})"
+        for r in at_risk[:5]
+    ]
+    more = f" and {len(at_risk) - 5} more" if len(at_risk) > 5 else ""
+    return [Check(WARN, f"admin-looking roles the policies may kill: {', '.join(shown)}{more};"
+                        " spare them with exclude.member_of or exclude.users")]
+
+
+def judge(row: Any, server: str, snapshot: Snapshot, config: Config, target: str,
+          facts: RoleFacts) -> list[Check]:
+    """Every check of one reachable target, from its role row, snapshot and role facts."""
     role = quote_ident(row["role"])
     sees_all = bool(row["rolsuper"] or row["read_all_stats"])
     return [
         Check(OK, f"reachable at {server}"),
         _version(row),
+        _recovery(snapshot),
+        *_layout(facts),
         _role(row, role),
         _visibility(row, role),
         *_signalling(row, role, config),
         _reserved(row, role, snapshot),
         _headroom(snapshot, config, sees_all),
+        *_member_roles(config, facts, snapshot),
+        *_admins(config, target, facts),
     ]
 
 
@@ -164,7 +215,8 @@ async def check_target(config: Config, target: Target) -> list[Check]:
     try:
         row = await conn.fetchrow(queries.CHECK_ROLE, timeout=STATEMENT_TIMEOUT)
         server = await server_address(conn)
-        snapshot = await take_snapshot(conn, timeout=STATEMENT_TIMEOUT)
+        snapshot = await take_snapshot(conn, STATEMENT_TIMEOUT, config.member_roles())
+        facts = await read_roles(conn, config, STATEMENT_TIMEOUT)
     except Exception as exc:
         reason = describe_error(target, exc).removeprefix(f"{target.name}: ")
         return [Check(FAIL, f"connected, but the checks failed: {reason}")]
@@ -173,7 +225,7 @@ async def check_target(config: Config, target: Target) -> list[Check]:
             await conn.close(timeout=2)
     if row is None:  # current_user not in pg_roles: cannot happen on a sane server
         return [Check(FAIL, "connected, but the current role is not in pg_roles")]
-    return judge(row, server, snapshot, config)
+    return judge(row, server, snapshot, config, target.name, facts)
 
 
 def _show(text: str) -> str:

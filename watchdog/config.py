@@ -61,6 +61,7 @@ class Exclusions:
     databases: tuple[str, ...] = ()
     client_addrs: tuple[Network, ...] = ()
     listeners: bool = False
+    member_of: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class Policy:
     dry_run: bool = False
     targets: tuple[str, ...] | None = None
     connections_above: float | None = None
+    member_of: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,13 @@ class Config:
         """The target called ``name``."""
         return next(t for t in self.targets if t.name == name)
 
+    def member_roles(self) -> tuple[str, ...]:
+        """Every role a member_of rule names (global exclude, policy filters and excludes)."""
+        names = {*self.exclude.member_of}
+        for p in self.policies:
+            names.update(p.member_of, p.exclude.member_of)
+        return tuple(sorted(names))
+
 
 def config_path(arg: str | None) -> str:
     """The policy file to use: ``-c``, then $PG_WATCHDOG_CONFIG, then the system default."""
@@ -143,8 +152,27 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
 
 # -- sections ----------------------------------------------------------------
 
-_EXCLUDE_KEYS = ("superusers", "users", "applications", "databases", "client_addrs", "listeners")
-_FILTER_KEYS = ("users", "applications", "databases", "client_addrs")
+_EXCLUDE_KEYS = (
+    "superusers", "users", "applications", "databases", "client_addrs", "listeners", "member_of"
+)
+_FILTER_KEYS = ("users", "applications", "databases", "client_addrs", "member_of")
+_NAMEDATALEN = 64
+
+
+def _role_name(node: YNode) -> str:
+    value = string(node)
+    if not value:
+        raise node.error("a role name must not be empty")
+    if any(c in value for c in "*?["):
+        # users/applications take globs; a glob here would silently match no role.
+        raise node.error(f"{value!r}: role names are not globs; list each role by its exact name")
+    if len(value.encode()) >= _NAMEDATALEN:
+        raise node.error(f"{value!r} is longer than PostgreSQL's {_NAMEDATALEN - 1}-byte names")
+    return value
+
+
+def _role_list(node: YNode) -> tuple[str, ...]:
+    return list_of(node, _role_name)
 
 
 def _exclusions(node: YNode, defaults: Exclusions) -> Exclusions:
@@ -156,6 +184,7 @@ def _exclusions(node: YNode, defaults: Exclusions) -> Exclusions:
         databases=opt(f, "databases", str_list, ()),
         client_addrs=opt(f, "client_addrs", cidr_list, ()),
         listeners=opt(f, "listeners", boolean, defaults.listeners),
+        member_of=opt(f, "member_of", _role_list, ()),
     )
 
 
@@ -265,6 +294,7 @@ def _policy(node: YNode, target_names: set[str]) -> Policy:
         dry_run=opt(f, "dry_run", boolean, False),
         targets=targets,
         connections_above=opt(f, "when", _when, None),
+        member_of=opt(f, "member_of", _role_list, ()),
     )
 
 

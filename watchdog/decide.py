@@ -86,6 +86,11 @@ _Key = tuple[object, ...]
 _UNSEEN = "?"  # not a possible reason
 
 
+def _member_of(session: Session, roles: tuple[str, ...]) -> str | None:
+    """The first of ``roles`` the session's role is a member of (the snapshot lists them)."""
+    return next((r for r in roles if r in session.member_of), None)
+
+
 def _key(session: Session) -> _Key:
     """Everything an exclusion rule or a policy filter looks at: sessions of one application
     (same role, database, address and last statement) share one answer per sweep."""
@@ -96,6 +101,7 @@ def _key(session: Session) -> _Key:
         session.datname,
         session.client_addr,
         session.query,
+        session.member_of,
     )
 
 
@@ -106,6 +112,8 @@ def excluded_by(session: Session, ex: Exclusions) -> str | None:
         return "superuser"
     if _glob_any(session.usename, ex.users):
         return f"excluded user {session.usename!r}"
+    if (role := _member_of(session, ex.member_of)) is not None:
+        return f"member of {role}"
     if _glob_any(session.application_name, ex.applications):
         return f"excluded application {session.application_name!r}"
     if _glob_any(session.datname, ex.databases):
@@ -141,6 +149,8 @@ def _outside_filters(session: Session, policy: Policy) -> str | None:
         return "database not in the policy's databases"
     if policy.client_addrs and not _in_networks(session.client_addr, policy.client_addrs):
         return "client address not in the policy's client_addrs"
+    if policy.member_of and _member_of(session, policy.member_of) is None:
+        return "role not a member of the policy's member_of"
     return excluded_by(session, policy.exclude)
 
 

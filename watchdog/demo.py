@@ -119,7 +119,7 @@ class Demo(Incident):
 
     async def observe(self, observer: Any, config: Config) -> Snapshot:
         """Narrate the sessions the policies spare (once each), from the same decision."""
-        snap = await take_snapshot(observer, timeout=5)
+        snap = await take_snapshot(observer, 5, config.member_roles())
         decision = decide(snap, config, "demo")
         waiting = [v for v in decision.verdicts if v.policy is not None and not v.acting]
         if waiting and not self.announced:

@@ -105,6 +105,8 @@ def build_report(
         "target": target.name,
         "server": server,
         "server_version": f"{num // 10000}.{num % 10000}",
+        "role": "standby" if snapshot.in_recovery else "primary",
+        "in_recovery": snapshot.in_recovery,
         "now": snapshot.now.isoformat(),
         "own_pid": snapshot.own_pid,
         "max_connections": snapshot.max_connections,
@@ -186,7 +188,8 @@ def render_text(r: Report) -> str:
         for label, key in (("idle", "oldest_idle_s"), (IDLE_IN_TRANSACTION[0], _OLDEST_IIT))
     ]
     lines = [
-        f"{_safe(r['target'])}  PostgreSQL {r['server_version']}  ({_safe(r['server'])})",
+        f"{_safe(r['target'])}  PostgreSQL {r['server_version']}  ({_safe(r['server'])})"
+        + ("  hot standby (in recovery)" if r["in_recovery"] else ""),
         f"  slots        {slots} = {r['capacity']} ordinary",
         f"  used         {r['used']} of {r['capacity']}, headroom {r['headroom']},"
         f" {r['saturation_pct']:g}% saturated",
@@ -230,7 +233,7 @@ class _Held:
                 conn = await connect(target)
                 self.conns[target.name] = (conn, "")  # so a failure below closes it
                 held = self.conns[target.name] = (conn, await server_address(conn))
-            snapshot = await take_snapshot(held[0], timeout=STATEMENT_TIMEOUT)
+            snapshot = await take_snapshot(held[0], STATEMENT_TIMEOUT, config.member_roles())
         except Exception as exc:
             await self.drop(target.name)
             return {"target": target.name, "error": describe_error(target, exc)}

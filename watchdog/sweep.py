@@ -45,7 +45,7 @@ async def sweep_target(
 ) -> SweepReport:
     """Run one sweep; AuditError means nothing was signalled (or the records are pending)."""
     started = time.monotonic()
-    snapshot = await take_snapshot(conn, timeout=STATEMENT_TIMEOUT)
+    snapshot = await take_snapshot(conn, STATEMENT_TIMEOUT, config.member_roles())
     decision = decide(snapshot, config, target.name, dry_run=dry_run, explain=False)
     report = SweepReport(target.name, server, snapshot, decision, leader)
     # Records held back by a failed write go out as soon as the log takes them again,

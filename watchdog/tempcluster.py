@@ -327,3 +327,40 @@ def temp_cluster(major: int, **kw: Any) -> Iterator[TempCluster]:
 def _cleanup_leftovers() -> None:
     for cluster in list(_LIVE):
         cluster.cleanup()
+
+
+def start_standby(primary: TempCluster, base_dir: Path | None = None) -> TempCluster:
+    """A hot standby of ``primary`` (pg_basebackup -R -X stream, then started on its own port);
+    on any failure clean up and raise ClusterError. ``cleanup()`` it before the primary."""
+    basedir = Path(tempfile.mkdtemp(prefix="pg-watchdog-standby-", dir=base_dir)).resolve()
+    standby = TempCluster(major=primary.major, bindir=primary.bindir, basedir=basedir,
+                          datadir=basedir / "data", port=free_port(),
+                          log_path=basedir / "postgresql.log", os_user=primary.os_user)
+    conf_path = standby.datadir / "postgresql.conf"
+    try:
+        if primary.os_user:
+            shutil.chown(basedir, primary.os_user)
+        res = standby._run(["pg_basebackup", "-D", str(standby.datadir), "-R", "-X", "stream",
+                            "-h", primary.host, "-p", str(primary.port), "-U", primary.superuser,
+                            "--no-sync"], timeout=120)
+        if res.returncode != 0:
+            raise ClusterError(f"pg_basebackup of PostgreSQL {primary.major} on port "
+                               f"{primary.port} failed: {_one_line(res.stderr or res.stdout)}")
+        with conf_path.open("a") as f:
+            f.write(f"hot_standby = on\nunix_socket_directories = '{standby.datadir}'\n")
+        for attempt in range(3):
+            with conf_path.open("a") as f:
+                f.write(f"port = {standby.port}\n")  # the last setting of a name wins
+            try:
+                standby.start()
+                return standby
+            except ClusterError as exc:  # port taken since free_port(): try another one
+                if attempt == 2 or "could not create any TCP/IP sockets" not in str(exc):
+                    raise
+                standby.port = free_port()
+        raise AssertionError("unreachable")
+    except BaseException as exc:
+        standby.cleanup()
+        if isinstance(exc, ClusterError) or not isinstance(exc, Exception):
+            raise
+        raise ClusterError(f"PostgreSQL {primary.major} standby setup failed: {exc!r}") from exc
