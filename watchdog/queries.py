@@ -13,18 +13,18 @@ is ever formatted into SQL text.
 # one LATIN1 or SQL_ASCII byte, so snapshot.py decodes them itself, losslessly.
 #
 # $1 lists the roles that member_of rules name: each session carries those its role is a
-# member of, directly or through other roles (pg_auth_members walked down from the listed
-# roles; unlike pg_has_role, a superuser is no implicit member of everything). The walk is
-# per role, not per session, and costs nothing when no rule names a role.
+# member of (directly or through other roles; a role is a member of itself), computed once
+# per role, not per session, by walking pg_auth_members down from the listed roles: not
+# pg_has_role(), which counts a superuser as a member of every role.
 # Lock waits are read only for sessions waiting on a lock (the MATERIALIZED CTE is scanned
 # on first use only), so the statement costs nothing more while nobody waits.
 SNAPSHOT = """
 WITH RECURSIVE members(oid, rolname) AS (
-    SELECT oid, rolname FROM pg_roles WHERE rolname = ANY($1::text[])
-  UNION
-    SELECT am.member, m.rolname FROM pg_auth_members am JOIN members m ON am.roleid = m.oid
+    SELECT oid, rolname::text FROM pg_roles WHERE rolname = ANY($1::text[])
+    UNION
+    SELECT a.member, m.rolname FROM members m JOIN pg_auth_members a ON a.roleid = m.oid
 ), membership AS (
-    SELECT oid, array_agg(rolname::text ORDER BY rolname) AS member_of FROM members GROUP BY oid
+    SELECT oid, array_agg(rolname ORDER BY rolname) AS member_of FROM members GROUP BY oid
 ), waits AS MATERIALIZED (
     SELECT pid, min(waitstart) AS wait_start FROM pg_locks WHERE NOT granted GROUP BY pid
 )
@@ -121,4 +121,30 @@ SELECT current_user AS role, r.rolsuper,
        (SELECT pg_has_role(current_user, u.oid, 'USAGE') FROM pg_roles u
          WHERE u.rolname = 'pg_use_reserved_connections') AS use_reserved
 FROM pg_roles r WHERE r.rolname = current_user
+"""
+
+# `check --connect`, managed services: which of $1 (the roles member_of rules name, and the
+# providers' admin roles) exist, and the login roles that look like admins with the roles of
+# $1 each is a member of. The watchdog's own role is always listed (is_self). Names come as
+# bytes, as in SNAPSHOT: a role created from a LATIN1 session is no UTF-8.
+ROLES_PRESENT = "SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1::text[]) ORDER BY 1"
+ADMIN_ROLES = """
+WITH RECURSIVE members(oid, rolname) AS (  -- as in SNAPSHOT
+    SELECT oid, rolname::text FROM pg_roles WHERE rolname = ANY($1::text[])
+    UNION
+    SELECT a.member, m.rolname FROM members m JOIN pg_auth_members a ON a.roleid = m.oid
+), membership AS (
+    SELECT oid, array_agg(rolname ORDER BY rolname) AS member_of FROM members GROUP BY oid
+), roles AS (
+    SELECT r.rolname, r.rolsuper, r.rolcreaterole, r.rolcreatedb,
+           r.rolname = current_user AS is_self, coalesce(m.member_of, '{}') AS member_of
+    FROM pg_roles r LEFT JOIN membership m ON m.oid = r.oid
+    WHERE r.rolcanlogin OR r.rolname = current_user
+)
+SELECT textsend(rolname::text) AS rolname, rolsuper, rolcreaterole, rolcreatedb, is_self,
+       member_of
+FROM roles
+WHERE is_self OR rolcreaterole OR rolcreatedb OR rolname ILIKE '%admin%'
+   OR member_of && $2::text[]
+ORDER BY is_self DESC, rolname
 """
