@@ -26,9 +26,10 @@ FIELDS = ("id", "severity", "target", "subject", "evidence", "fix")
 
 
 def _roles(pg: TempCluster) -> None:
-    for role in ("leaky", "good", "batch"):
-        pg.psql(f"SELECT 'CREATE ROLE {role} LOGIN' WHERE NOT EXISTS "
-                f"(SELECT FROM pg_roles WHERE rolname = '{role}') \\gexec")
+    pg.psql(
+        "SELECT format('CREATE ROLE %I LOGIN', r) FROM unnest(ARRAY['leaky', 'good', 'batch']) r"
+        " WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = r) \\gexec"
+    )
     pg.psql("ALTER ROLE leaky RESET ALL")
 
 
