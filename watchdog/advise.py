@@ -196,7 +196,7 @@ def leak(target: str, records: Sequence[Record], window: Window) -> list[Finding
         clients = Counter(c for r in mine if (c := client_of(r)) is not None)
         evidence = [
             f"{rate_text(mine, window)}: {len(mine)} of the {len(kills)} kills on {target}"
-            f" ({100 * len(mine) / len(kills):.0f}%) in {window.text()}",
+            f" ({100 * len(mine) / len(kills):.0f}%)",
             f"state at kill: {top(states)}; {age_text(mine)}",
             f"everyone else: {len(others)} kills" + (f", {age_text(others)}" if others else ""),
         ]
