@@ -140,6 +140,9 @@ async def test_quiet_server_with_sensible_settings_has_no_findings(
     try:
         for conn in idle:
             await conn.execute("SELECT 1")
+        assert not (tmp_path / "audit.jsonl").exists()
+        before = await _advise(config)  # no audit log yet: the live look alone speaks
+        assert before["findings"] == [] and before["window"]["records"] == 0, before
         res = await run_cli("once", "-c", config, "--json")  # a sweep ran, and acted on nobody
         assert res.rc == 0 and res.json()["targets"][0]["actions"] == 0, res.stdout
         doc = await _advise(config)

@@ -108,12 +108,13 @@ def run_advise(config: Config, args: argparse.Namespace) -> int:
     code = EXIT_OK
     records: list[Record] = []
     start: datetime | None = None
-    if path.exists() or any(path.parent.glob(path.name + "*")):
-        try:
-            records, start = read_records(path, since, set(wanted))
-        except OSError as e:
-            _warn(f"cannot read audit log {e.filename or path}: {e.strerror or e}")
-            code = EXIT_TARGET
+    try:
+        records, start = read_records(path, since, set(wanted))
+    except FileNotFoundError:
+        pass  # nothing recorded yet: the live look alone speaks
+    except OSError as e:
+        _warn(f"cannot read audit log {e.filename or path}: {e.strerror or e}")
+        code = EXIT_TARGET
     window = Window(max(start, since) if start is not None else None, now)
     looked = asyncio.run(_looks(config, wanted))
     errors = {n: str(v) for n, v in looked.items() if isinstance(v, TargetError)}
