@@ -1,8 +1,9 @@
 """`pg-watchdog advise`: from relief to cure. Pure analysis of audit records and live looks.
 
 Every finding carries its evidence (numbers, with the window they cover) and a fix a DBA can
-paste; no evidence, no finding. The findings that need the server's settings are in
-advise_server.py; this module reads the audit history.
+paste; no evidence, no finding. This module reads the audit history for the leak; the
+findings that need the server's side are in advise_server.py, those about the watchdog's
+own settings in advise_own.py.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ KILLS = ("terminated", "cancelled", "would_terminate", "would_cancel")
 IIT = ("idle in transaction", "idle in transaction (aborted)")
 MIN_KILLS = 5  # fewer than this is not a pattern
 MIN_SHARE = 1 / 3  # of the target's kills (of that kind): the one to fix first
-DRY_RUN_DAYS = 3.0
-UNUSED_AFTER_S = 86400.0  # a policy idle for less than a day says nothing yet
 ORDER = (
     "leak",
     "idle_in_transaction_timeout",
@@ -88,10 +87,10 @@ class Window:
     def text(self) -> str:
         if self.start is None:
             return "no records"
-        return f"{_when(self.start)} to {_when(self.now)} ({format_duration(self.seconds)})"
+        return f"{when_text(self.start)} to {when_text(self.now)} ({format_duration(self.seconds)})"
 
 
-def _when(ts: datetime) -> str:
+def when_text(ts: datetime) -> str:
     return ts.strftime("%Y-%m-%d %H:%M:%SZ")
 
 
@@ -129,7 +128,7 @@ def rate_text(records: Sequence[Record], window: Window) -> str:
     if not ts:
         return f"{len(records)} kills"
     span = (ts[-1] - ts[0]).total_seconds()
-    text = f"{len(records)} kills from {_when(ts[0])} to {_when(ts[-1])}"
+    text = f"{len(records)} kills from {when_text(ts[0])} to {when_text(ts[-1])}"
     if span >= 3600:
         text += f" ({len(records) / (span / 3600):.1f}/h while it lasted"
     else:
@@ -165,12 +164,6 @@ def pool_for(application: str) -> tuple[str, str] | None:
         if any(f in name for f in fragments):
             return pool, knob
     return None
-
-
-def thresholds(records: Iterable[Record], policies: Mapping[str, Policy]) -> list[float]:
-    """The longer_than of the policies that acted on ``records`` (those still configured)."""
-    names = {str(r.get("policy")) for r in records}
-    return [policies[n].longer_than for n in names if n in policies]
 
 
 def group(records: Iterable[Record], *fields: str) -> dict[tuple[Any, ...], list[Record]]:
@@ -227,66 +220,6 @@ def _leak_fix(app: str, states: Counter[str]) -> list[str]:
     return fix
 
 
-def max_per_sweep(target: str, records: Sequence[Record], config: Config) -> list[Finding]:
-    """Sweeps that hit limits.max_per_sweep: the cap left matching sessions for later."""
-    limit = config.limits.max_per_sweep
-    per_sweep = Counter(str(r.get("sweep")) for r in records if r.get("outcome") in KILLS)
-    full = [n for n in per_sweep.values() if n >= limit]
-    if len(full) < 2:
-        return []
-    evidence = (
-        f"{len(full)} of {len(per_sweep)} sweeps on {target} acted on limits.max_per_sweep ="
-        f" {limit} sessions, so more matched than one sweep may end",
-    )
-    fix = (
-        f"If the server fills faster than that, raise limits.max_per_sweep (e.g. to {2 * limit})"
-        " or shorten the target's interval; the lasting cure is the leak itself.",
-    )
-    return [Finding("max_per_sweep", "medium", target, "limits.max_per_sweep", evidence, fix)]
-
-
-def dry_run_left_on(
-    target: str, records: Sequence[Record], config: Config, window: Window
-) -> list[Finding]:
-    """A dry run still on after days of would_* records."""
-    dry = [p.name for p in config.policies if p.dry_run]
-    if not (config.dry_run or dry):
-        return []
-    ts = times(r for r in records if str(r.get("outcome", "")).startswith("would_"))
-    if not ts or (window.now - ts[0]).total_seconds() < DRY_RUN_DAYS * 86400:
-        return []
-    where = "dry_run: true at the top" if config.dry_run else f"dry_run on {', '.join(dry)}"
-    days = (window.now - ts[0]).total_seconds() / 86400
-    evidence = (
-        f"{where}; {len(ts)} would_* records on {target} since {_when(ts[0])} ({days:.0f} days)",
-    )
-    fix = ("Review them (pg-watchdog audit --outcome would_terminate), then set dry_run: false.",)
-    return [Finding("dry_run_left_on", "medium", target, "dry run", evidence, fix)]
-
-
-def policy_unused(
-    target: str, records: Sequence[Record], config: Config, window: Window
-) -> list[Finding]:
-    """Policies that never matched while others did, over at least a day."""
-    if window.seconds < UNUSED_AFTER_S or not kills_of(records):
-        return []
-    used = {r.get("policy") for r in records}
-    found = []
-    for p in config.policies:
-        if (p.targets is None or target in p.targets) and p.name not in used:
-            evidence = (
-                f"no record of policy {p.name} on {target} in {window.text()},"
-                f" while {len(kills_of(records))} sessions were ended by the others",
-            )
-            fix = (
-                f"Check that policy {p.name} still matches what you expect (state, filters,"
-                " threshold, order: an earlier policy claims a session first); remove it if not.",
-            )
-            found.append(Finding("policy_unused", "low", target, f"policy {p.name}",
-                                 evidence, fix))
-    return found
-
-
 def nice_value(seconds: float) -> str:
     """A PostgreSQL duration literal at or above ``seconds``: 500ms, 30s, 5min."""
     if seconds < 1:
@@ -305,6 +238,7 @@ def analyse(
 ) -> list[Finding]:
     """Every finding for ``targets``: ``looks`` maps a target to its advise_look.Look, or to
     None when it could not be reached (then only the audit log speaks for it)."""
+    from watchdog import advise_own as own
     from watchdog import advise_server as server
 
     policies = {p.name: p for p in config.policies}
@@ -313,9 +247,9 @@ def analyse(
     for name in targets:
         mine = by_target.get((name,), [])
         found += leak(name, mine, window)
-        found += max_per_sweep(name, mine, config)
-        found += dry_run_left_on(name, mine, config, window)
-        found += policy_unused(name, mine, config, window)
+        found += own.max_per_sweep(name, mine, config)
+        found += own.dry_run_left_on(name, mine, config, window)
+        found += own.policy_unused(name, mine, config, window)
         look = looks.get(name)
         if look is not None:
             found += server.timeouts(look, mine, policies, window)
