@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from watchdog.config import Config, Policy
+from watchdog.config import Config
 from watchdog.review_render import record_time
 from watchdog.units import format_duration
 
