@@ -43,12 +43,14 @@ def _safe(text: str) -> str:
 
 def render_text(
     findings: Sequence[Finding], window: Window, path: Path, count: int,
-    errors: dict[str, str], out: TextIO,
+    errors: dict[str, str], out: TextIO, notes: dict[str, list[str]] | None = None,
 ) -> None:
     """The findings, most important first, each with its evidence and fix."""
     out.write(f"pg-watchdog advise: {count} audit records in {path}, {window.text()}\n")
     for name, error in errors.items():
         out.write(f"target {_safe(name)}: unreachable ({_safe(error)}); audit findings only\n")
+    for name, lines in (notes or {}).items():
+        out.writelines(f"target {_safe(name)}: note: {_safe(n)}\n" for n in lines)
     if not findings:
         out.write("no findings\n")
         return
@@ -120,16 +122,18 @@ def run_advise(config: Config, args: argparse.Namespace) -> int:
     errors = {n: str(v) for n, v in looked.items() if isinstance(v, TargetError)}
     looks: dict[str, Any] = {n: v for n, v in looked.items() if isinstance(v, Look)}
     findings = analyse(config, records, looks, window, wanted)
+    notes = {n: list(v.notes) for n, v in looks.items() if v.notes}
     if args.json:
         doc = {
             "findings": [f.as_json() for f in findings],
             "window": {"since": since.isoformat(), "start": start and start.isoformat(),
                        "now": now.isoformat(), "records": len(records)},
             "unreachable": errors,
+            "notes": notes,
         }
         sys.stdout.write(dumps_line(doc) + "\n")
     else:
-        render_text(findings, window, path, len(records), errors, sys.stdout)
+        render_text(findings, window, path, len(records), errors, sys.stdout, notes)
     sys.stdout.flush()
     for error in errors.values():
         _warn(error)
