@@ -74,6 +74,13 @@ def make_record(
         "xact_start": iso(s.xact_start),
         "query_start": iso(s.query_start),
         "age_s": round(a.age_s, 3),
+        # Who waited on it (always an object: zeros when nobody did) and how far it held
+        # back vacuum (transactions since its backend_xmin; null without a snapshot).
+        "blocking": {
+            "sessions": a.blocking.sessions if a.blocking else 0,
+            "longest_wait_s": round(a.blocking.longest_wait_s, 3) if a.blocking else 0.0,
+        },
+        "xmin_age": s.xmin_age,
         "query": query,
         "server": server,
         "watchdog_host": socket.gethostname(),

@@ -86,6 +86,12 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return review.run(args, audit_path)
 
 
+def _cmd_advise(args: argparse.Namespace) -> int:
+    from watchdog.advise_render import run_advise
+
+    return run_advise(_load(args), args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from watchdog.demo import run_demo
 
@@ -139,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # pragma: no cover - during development only
         pass
     p.set_defaults(func=_cmd_audit, log_level=logging.WARNING)
+
+    p = command("advise", "from the audit log and a live look: the leak, and the fix to paste")
+    from watchdog.advise_render import configure_parser as configure_advise
+
+    configure_advise(p)
+    p.set_defaults(func=_cmd_advise, log_level=logging.WARNING)
 
     p = sub.add_parser("demo", help="reproduce a connection-exhaustion incident and heal it")
     p.add_argument("--major", type=int, default=18, help="PostgreSQL major to run (default 18)")

@@ -80,6 +80,9 @@ class Policy:
     targets: tuple[str, ...] | None = None
     connections_above: float | None = None
     member_of: tuple[str, ...] = ()
+    # Harm: match only sessions others wait on (for at least blocking_longer_than seconds).
+    blocking: bool = False
+    blocking_longer_than: float | None = None
 
 
 @dataclass(frozen=True)
@@ -241,7 +244,22 @@ _POLICY_KEYS = (
     "dry_run",
     "targets",
     "when",
+    "blocking",
+    "blocking_longer_than",
 )
+
+
+def _blocking(f: dict[str, YNode]) -> tuple[bool, float | None]:
+    """``blocking`` and ``blocking_longer_than``; the latter implies the former."""
+    longer = opt(f, "blocking_longer_than", duration, None)
+    if "blocking" not in f:
+        return longer is not None, longer
+    blocking = boolean(f["blocking"])
+    if not blocking and longer is not None:
+        raise f["blocking"].error(
+            "blocking: false contradicts blocking_longer_than (which implies blocking: true)"
+        )
+    return blocking, longer
 
 
 def _policy(node: YNode, target_names: set[str]) -> Policy:
@@ -275,6 +293,7 @@ def _policy(node: YNode, target_names: set[str]) -> Policy:
             "cancel only stops a running query; with idle states use terminate "
             "(or state: active)"
         )
+    blocking, blocking_longer_than = _blocking(f)
     measured_from = opt(f, "measured_from", choice(MEASURED_FROM), "state_change")
     if measured_from == "xact_start" and "idle" in states:
         raise f["measured_from"].error(
@@ -295,6 +314,8 @@ def _policy(node: YNode, target_names: set[str]) -> Policy:
         targets=targets,
         connections_above=opt(f, "when", _when, None),
         member_of=opt(f, "member_of", _role_list, ()),
+        blocking=blocking,
+        blocking_longer_than=blocking_longer_than,
     )
 
 

@@ -116,8 +116,14 @@ def describe_error(target: Target, exc: BaseException) -> str:
     return scrub(f"{target.name}: {reason}", secrets_of(target))
 
 
-async def connect(target: Target, timeout: float = CONNECT_TIMEOUT) -> Any:
-    """Open the monitoring connection to ``target``; TargetError (safe message) on failure."""
+async def connect(
+    target: Target, timeout: float = CONNECT_TIMEOUT, settings: dict[str, str] | None = None
+) -> Any:
+    """Open the monitoring connection to ``target``; TargetError (safe message) on failure.
+
+    ``settings``: session settings to send instead of the watchdog's own (``advise`` reads the
+    server's timeouts, which the watchdog's own session overrides).
+    """
     try:
         password = read_password(target)
         conn = await asyncpg.connect(
@@ -125,7 +131,7 @@ async def connect(target: Target, timeout: float = CONNECT_TIMEOUT) -> Any:
             password=password,
             timeout=timeout,
             command_timeout=STATEMENT_TIMEOUT,
-            server_settings=_SERVER_SETTINGS,
+            server_settings=_SERVER_SETTINGS if settings is None else settings,
             # The snapshot query changes shape with the server; no point caching plans.
             statement_cache_size=16,
         )

@@ -11,11 +11,13 @@ import re
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
 
+from watchdog.blockers import describe as describe_blocking
 from watchdog.config import Config, Exclusions, Policy
 from watchdog.model import (
     APPLICATION_NAME,
     CLIENT_BACKEND,
     Action,
+    Blocking,
     Decision,
     Session,
     Snapshot,
@@ -154,6 +156,17 @@ def _outside_filters(session: Session, policy: Policy) -> str | None:
     return excluded_by(session, policy.exclude)
 
 
+def _not_harmful(policy: Policy, blocking: Blocking | None) -> tuple[str, float] | None:
+    """Why a ``blocking`` policy passes over a session, and in how many seconds it may not."""
+    if blocking is None:
+        return "blocks nobody", 0.0
+    wanted = policy.blocking_longer_than
+    if wanted is not None and blocking.longest_wait_s < wanted:
+        why = f"{describe_blocking(blocking)}, acts past {wanted:g}s of waiting"
+        return why, wanted - blocking.longest_wait_s
+    return None
+
+
 def decide(
     snapshot: Snapshot, config: Config, target: str, dry_run: bool = False, explain: bool = True
 ) -> Decision:
@@ -197,6 +210,15 @@ def decide(
                     f"{p.name}: server at {saturation:.0%}, acts above {p.connections_above:.0%}"
                 )
                 continue
+            if p.blocking:
+                # Computed once per snapshot, on first use: nothing while nobody waits.
+                harmless = _not_harmful(p, snapshot.blocking.get(s.pid))
+                if harmless is not None:
+                    why_not.append(f"{p.name}: {harmless[0]}")
+                    if harmless[1] > 0:
+                        due = max(harmless[1], p.longer_than - age)
+                        next_due = due if next_due is None else min(next_due, due)
+                    continue
             if age <= p.longer_than:
                 # The first matching policy claims the session, due or not (as in
                 # pg_hba.conf): a gentler specific rule first is never overridden by a
@@ -216,10 +238,13 @@ def decide(
                     s,
                     p.measured_from,
                     age,
+                    snapshot.blocking.get(s.pid),
                 )
             )
             if explain:
                 why = f"{p.name}: {s.state} past {p.longer_than:g}s"
+                if p.blocking:
+                    why += f", {describe_blocking(snapshot.blocking.get(s.pid))}"
                 verdict = Verdict(s, p.name, why, True, 0.0)
             break
         if not explain:

@@ -267,6 +267,18 @@ class Demo(Incident):
         )
         sys.stdout.flush()
 
+    def advice(self) -> None:
+        """From relief to cure: `advise` on the incident's audit log and the server still up."""
+        from watchdog.advise_render import configure_parser as configure_advise
+        from watchdog.advise_render import run_advise
+
+        policy = self.tmp / "policies.yaml"
+        print(f"\n$ pg-watchdog advise -c {policy}", flush=True)
+        parser = argparse.ArgumentParser(prog="pg-watchdog advise")
+        configure_advise(parser)
+        run_advise(load_config(str(policy)), parser.parse_args([]))
+        sys.stdout.flush()
+
 
 def run_demo(args: argparse.Namespace) -> int:
     """Entry point of `pg-watchdog demo`: 0 when the incident was reproduced and healed."""
@@ -281,6 +293,7 @@ def run_demo(args: argparse.Namespace) -> int:
         finally:
             _catch_signals_sync()  # closing the loop restored the default handlers
         demo.summary()
+        demo.advice()
     except (Interrupted, KeyboardInterrupt, asyncio.CancelledError):
         print("\npg-watchdog demo: interrupted; cleaning up", file=sys.stderr, flush=True)
         code = 130

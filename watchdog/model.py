@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import NamedTuple
 
 CLIENT_BACKEND = "client backend"
@@ -42,6 +43,13 @@ class Session(NamedTuple):
         return value
 
 
+class Blocking(NamedTuple):
+    """How many sessions wait on one session, directly or queued behind another waiter."""
+
+    sessions: int
+    longest_wait_s: float
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """A consistent look at one server: its sessions, its limits and its clock."""
@@ -70,6 +78,13 @@ class Snapshot:
         """Used slots as a fraction of the ordinary ones (above 1 once reserved slots are used)."""
         return self.used / self.capacity
 
+    @cached_property
+    def blocking(self) -> dict[int, Blocking]:
+        """pid -> who waits on it; empty (one pass over the sessions) while nobody waits."""
+        from watchdog.blockers import blocking_map
+
+        return blocking_map(self.sessions, self.now)
+
 
 @dataclass(frozen=True)
 class Action:
@@ -82,6 +97,7 @@ class Action:
     session: Session
     measured_from: str
     age_s: float
+    blocking: Blocking | None = None  # None: nobody waits on it
 
 
 @dataclass(frozen=True)

@@ -148,3 +148,33 @@ WHERE is_self OR rolcreaterole OR rolcreatedb OR rolname ILIKE '%admin%'
    OR member_of && $2::text[]
 ORDER BY is_self DESC, rolname
 """
+
+# `advise`: one live look per target. The server-wide settings the advice is about (read on
+# a connection that sends none of them, so pg_settings shows the server's own values).
+ADVISE_SETTINGS = """
+SELECT name, setting, unit, source FROM pg_settings WHERE name = ANY($1::text[])
+"""
+
+# Per-role and per-database settings (ALTER ROLE / ALTER DATABASE ... SET); a NULL role or
+# database is the "all" side of the pair (setrole / setdatabase = 0).
+ADVISE_ROLE_SETTINGS = """
+SELECT textsend(r.rolname::text) AS role, textsend(d.datname::text) AS database, s.setconfig
+FROM pg_db_role_setting s
+LEFT JOIN pg_roles r ON r.oid = s.setrole
+LEFT JOIN pg_database d ON d.oid = s.setdatabase
+"""
+
+# The sessions now, by who they are and what they do (no query text needed).
+ADVISE_SESSIONS = """
+SELECT textsend(a.usename::text) AS usename, coalesce(a.application_name, '') AS application_name,
+       host(a.client_addr) AS client_addr, a.state, coalesce(a.backend_type, '') AS backend_type,
+       a.pid = pg_backend_pid() AS own
+FROM pg_stat_activity a
+"""
+
+# Session counters since the statistics were reset (PostgreSQL 14+; idle time in ms).
+ADVISE_DB_STATS = """
+SELECT textsend(datname::text) AS datname, sessions, sessions_killed, sessions_abandoned,
+       idle_in_transaction_time
+FROM pg_stat_database WHERE datname IS NOT NULL
+"""

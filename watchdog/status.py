@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
+from watchdog.blockers import describe as describe_blocking
 from watchdog.config import Config, Target
 from watchdog.connect import STATEMENT_TIMEOUT, connect, describe_error, server_address
 from watchdog.decide import decide
@@ -27,6 +28,7 @@ from watchdog.units import format_duration
 IDLE_IN_TRANSACTION = ("idle in transaction", "idle in transaction (aborted)")
 _OLDEST_IIT = "oldest_idle_in_transaction_s"
 _SHOWN = 5  # next actions listed per group in text mode
+_XMIN_SHOWN = 3  # sessions holding back vacuum, in text mode
 _CLEAR = "\x1b[H\x1b[2J"
 _EXPLAIN_TITLES = ("PID", "USER", "APP", "DB", "STATE", "AGE", "VERDICT")
 _EXPLAIN_CAPS = (8, 20, 24, 16, 29, 8, 72)
@@ -61,6 +63,10 @@ def _verdict_text(v: Verdict, dry: bool) -> str:
 def _session_json(snapshot: Snapshot, v: Verdict, dry: bool) -> Report:
     s = v.session
     age = _age(snapshot, s)
+    blocking = snapshot.blocking.get(s.pid)
+    verdict = _verdict_text(v, dry)
+    if blocking is not None and "blocks " not in verdict:
+        verdict += f"; {describe_blocking(blocking)}"
     return {
         "pid": s.pid,
         "backend_type": s.backend_type,
@@ -75,8 +81,27 @@ def _session_json(snapshot: Snapshot, v: Verdict, dry: bool) -> Report:
         "due_in_s": None if v.due_in is None else round(v.due_in, 3),
         "dry_run": dry if v.policy is not None else None,
         "reason": v.reason,
-        "verdict": _verdict_text(v, dry),
+        "verdict": verdict,
+        "blocking": None if blocking is None else blocking._asdict(),
+        "xmin_age": s.xmin_age,
     }
+
+
+def _xmin_holders(snapshot: Snapshot) -> list[Report]:
+    """The sessions holding back vacuum the most (largest backend_xmin age first)."""
+    held = [s for s in snapshot.sessions if s.xmin_age is not None and s.pid != snapshot.own_pid]
+    held.sort(key=lambda s: (-(s.xmin_age or 0), s.pid))
+    return [
+        {
+            "pid": s.pid,
+            "user": s.usename,
+            "application": s.application_name,
+            "state": s.state,
+            "xmin_age": s.xmin_age,
+            "age_s": None if (age := _age(snapshot, s)) is None else round(age, 3),
+        }
+        for s in held[:_SHOWN]
+    ]
 
 
 def build_report(
@@ -126,6 +151,7 @@ def build_report(
         "due_now": sum(1 for v in planned if v.acting),
         "over_limit": decision.over_limit,
         "next_actions": [_session_json(snapshot, v, dry(v)) for v in planned],
+        "holding_back_vacuum": _xmin_holders(snapshot),
     }
     if explain:
         report["explain"] = [_session_json(snapshot, v, dry(v)) for v in decision.verdicts]
@@ -198,6 +224,11 @@ def render_text(r: Report) -> str:
         f"  by app       {_dist(r['by_application'])}",
         f"  oldest       {', '.join(oldest)}",
     ]
+    xmin = [
+        f"pid {x['pid']} '{_safe(x['application'], 32)}' {x['state']} {x['xmin_age']} xids"
+        for x in r.get("holding_back_vacuum", [])[:_XMIN_SHOWN]
+    ]
+    lines += [f"  xmin held    {', '.join(xmin)}"] if xmin else []
     if r["hidden_sessions"]:
         lines.append(
             f"  warning      {r['hidden_sessions']} sessions are hidden from the watchdog's role,"
