@@ -20,7 +20,8 @@ from helpers import connect, free_port, wait_for
 from sentry_endpoint import SentryEndpoint
 
 from watchdog import __version__
-from watchdog.alerts import Alerts, monitor_slug
+from watchdog.alerts import Alerts
+from watchdog.alerts_sentry import monitor_slug
 from watchdog.audit import AuditError, AuditLog
 from watchdog.config import Config, load_config
 from watchdog.connect import TargetError, server_address

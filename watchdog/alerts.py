@@ -12,10 +12,7 @@ import logging
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from watchdog.alerts_sentry import FLUSH_TIMEOUT as FLUSH_TIMEOUT
 from watchdog.alerts_sentry import SentryChannel
-from watchdog.alerts_sentry import monitor_config as monitor_config
-from watchdog.alerts_sentry import monitor_slug as monitor_slug
 from watchdog.config import Config
 from watchdog.connect import scrub
 from watchdog.model import CLIENT_BACKEND
