@@ -42,9 +42,7 @@ TRANSIENT_BACKENDS = ("client backend", "autovacuum worker", "parallel worker")
 def setup_roles(pg: TempCluster) -> None:
     """The least-privilege watchdog role (pg_monitor, pg_signal_backend) and an app role.
 
-    Idempotent.
-
-    The SQL names the roles literally: they are WATCHDOG_ROLE and APP_ROLE.
+    Idempotent. The SQL names the roles literally: they are WATCHDOG_ROLE and APP_ROLE.
     """
     pg.psql(
         """
