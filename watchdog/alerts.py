@@ -15,10 +15,9 @@ from typing import TYPE_CHECKING, Any
 from watchdog.alerts_sentry import SentryChannel
 from watchdog.config import Config
 from watchdog.connect import scrub
-from watchdog.model import CLIENT_BACKEND
 
 if TYPE_CHECKING:
-    from watchdog.model import Outcome, Session
+    from watchdog.model import Outcome
     from watchdog.sweep import SweepReport
 
 log = logging.getLogger(__name__)
@@ -42,10 +41,6 @@ def _top(values: list[str | None]) -> dict[str, int]:
 
 def _is_denied(o: Outcome) -> bool:
     return o.outcome == "failed" and (o.error or "").startswith("permission denied")
-
-
-def _clients(sessions: tuple[Session, ...]) -> list[Session]:
-    return [s for s in sessions if s.backend_type == CLIENT_BACKEND]
 
 
 class Alerts(SentryChannel):
@@ -172,7 +167,7 @@ class Alerts(SentryChannel):
         log.warning("%s, above alerts.connections_above %.0f%%", message, threshold * 100)
         if not report.leader:
             return  # the instance that acts on this server alerts; observers only log
-        clients = _clients(snap.sessions)
+        clients = snap.clients
         self._capture(
             message,
             "error",
