@@ -189,10 +189,16 @@ class Alerts(SentryChannel):
             },
         )
 
-    def trouble(self, kind: str, message: str, target: str | None = None) -> None:
-        """An error event about the watchdog itself: unreachable, permission, audit, reload."""
+    def trouble(
+        self, kind: str, message: str, target: str | None = None, *, logged: bool = True
+    ) -> None:
+        """An error event about the watchdog itself: unreachable, permission, audit, reload.
+
+        ``logged=False`` when the caller prints the message itself (`once`: one line each).
+        """
         message = scrub(message, self.secrets())  # callers pass safe text; this makes sure
-        log.error("%s", message)
+        if logged:
+            log.error("%s", message)
         tags = {"kind": kind}
         fingerprint = ["pg-watchdog", kind]
         if target is not None:
