@@ -12,7 +12,8 @@ there), parses the envelope format and keeps every item:
         assert event["message"] == "hello"
 
 ``bodies`` keeps each decompressed envelope as bytes, for checks that a
-string appears nowhere at all.
+string appears nowhere at all. ``SentryEndpoint(delay=0.4)`` answers each request
+that much later, as a distant Sentry does (the envelope is stored on arrival).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import gzip
 import json
 import re
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -105,7 +107,8 @@ def _decompress(body: bytes, encoding: str) -> bytes:
 class SentryEndpoint:
     """A local HTTP server that records the envelopes sentry-sdk sends to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
         self.envelopes: list[Envelope] = []
         self.errors: list[str] = []  # requests it could not take, with the reason
         self._changed = threading.Condition()
@@ -130,6 +133,8 @@ class SentryEndpoint:
                     self._answer(400, b'{"detail":"bad envelope"}')
                     return
                 endpoint._store(envelope)
+                if endpoint.delay:
+                    time.sleep(endpoint.delay)  # the SDK's worker waits for the answer
                 event_id = envelope.headers.get("event_id")
                 self._answer(200, json.dumps({"id": event_id}).encode())
 
