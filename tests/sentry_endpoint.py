@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import sys
 import threading
 import time
 import zlib
@@ -104,6 +105,13 @@ def _decompress(body: bytes, encoding: str) -> bytes:
     raise ValueError(f"unsupported Content-Encoding {encoding!r}")
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # the client went away while answered late (a stopped watchdog): no news
+        super().handle_error(request, client_address)
+
+
 class SentryEndpoint:
     """A local HTTP server that records the envelopes sentry-sdk sends to it."""
 
@@ -148,7 +156,7 @@ class SentryEndpoint:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # quiet: tests read what was stored, not the access log
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.port: int = self._server.server_address[1]
         self._thread = threading.Thread(
