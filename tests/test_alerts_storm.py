@@ -102,9 +102,9 @@ async def test_storm_of_acting_sweeps_paces_checkins_and_every_acted_event_arriv
                 for conn in victims:
                     conn.terminate()
         lifetime = time.monotonic() - started
-        # A storm of sweeps at the 250 ms floor (a sweep per victim, nearly), all audited.
-        assert len(kills) == len(victims) >= STORM / ARRIVAL / 2
-        assert len(sweeps) >= len(kills) / 3, "the sweeps did not run at the floor"
+        # A storm of acting sweeps (near the 250 ms floor: about one per victim), all audited.
+        assert len(kills) == len(victims) >= 20
+        assert len(sweeps) >= 10, (len(sweeps), len(kills))
         assert {r["outcome"] for r in audit_records(audit)} == {"terminated"}
         # One check-in per interval (1 s), however often it swept. Those captured during the
         # storm all came before its last acted event in the SDK's queue, so all arrived.
