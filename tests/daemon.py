@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from scenario import setup_roles
 
 from watchdog.tempcluster import TempCluster
 
-__all__ = ["Daemon", "audit_records", "backend_alive", "setup_roles", "write_config"]
 
 def write_config(
     path: Path,

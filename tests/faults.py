@@ -24,7 +24,7 @@ VICTIM_APP = "victim"
 OUTCOMES = {
     "terminated", "cancelled", "would_terminate", "would_cancel", "skipped_changed", "gone",
     "failed",
-    # Not in SPEC section 4's list, but written by audit.recover() and by a sweep interrupted
+    # Not an outcome a sweep decides on, but written by audit.recover() and by a sweep interrupted
     # mid-statement: the signal may have gone out, nobody saw the result.
     "unconfirmed",
 }
@@ -92,7 +92,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 def check_record(r: Mapping[str, Any]) -> None:
-    """One audit record has the SPEC section 4 shape."""
+    """One audit record has every field of the audit format, each well-formed."""
     for key in ("ts", "target", "policy", "action", "dry_run", "outcome", "error", "pid",
                 "backend_start", "usename", "datname", "application_name", "client_addr",
                 "state", "state_change", "xact_start", "query_start", "age_s", "query",

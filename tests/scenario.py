@@ -28,7 +28,7 @@ BIN = Path(sys.executable).parent / "pg-watchdog"
 WATCHDOG_ROLE = "watchdog"
 APP_ROLE = "app"
 
-# SPEC section 4: every audit record carries all of these.
+# Every audit record carries all of these fields (the README's audit log section).
 AUDIT_FIELDS = (
     "ts", "target", "policy", "action", "dry_run", "outcome", "error", "pid", "backend_start",
     "usename", "datname", "application_name", "client_addr", "state", "state_change",
@@ -40,9 +40,9 @@ TRANSIENT_BACKENDS = ("client backend", "autovacuum worker", "parallel worker")
 
 
 def setup_roles(pg: TempCluster) -> None:
-    """The least-privilege watchdog role (SPEC 7) and an ordinary application role (idempotent).
+    """The least-privilege watchdog role (pg_monitor, pg_signal_backend) and an app role.
 
-    The SQL names the roles literally: they are WATCHDOG_ROLE and APP_ROLE.
+    Idempotent. The SQL names the roles literally: they are WATCHDOG_ROLE and APP_ROLE.
     """
     pg.psql(
         """
@@ -307,7 +307,7 @@ async def check_active_alive(mix: Mix, admin: asyncpg.Connection) -> None:
 
 def check_record(rec: Mapping[str, Any], pg: TempCluster, *, outcome: str, dry_run: bool,
                  idle: float = 2.0, idle_in_transaction: float = 1.0) -> None:
-    """One audit record is complete and well-formed (SPEC section 4)."""
+    """One audit record is complete and well-formed: every field, each of its type."""
     missing = [f for f in AUDIT_FIELDS if f not in rec]
     assert not missing, f"audit record lacks {missing}: {rec}"
     assert ISO_MS_UTC.match(rec["ts"]), rec["ts"]

@@ -12,7 +12,8 @@ there), parses the envelope format and keeps every item:
         assert event["message"] == "hello"
 
 ``bodies`` keeps each decompressed envelope as bytes, for checks that a
-string appears nowhere at all.
+string appears nowhere at all. ``SentryEndpoint(delay=0.4)`` answers each request
+that much later, as a distant Sentry does (the envelope is stored on arrival).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import sys
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,10 +105,18 @@ def _decompress(body: bytes, encoding: str) -> bytes:
     raise ValueError(f"unsupported Content-Encoding {encoding!r}")
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # the client went away while answered late (a stopped watchdog): no news
+        super().handle_error(request, client_address)
+
+
 class SentryEndpoint:
     """A local HTTP server that records the envelopes sentry-sdk sends to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
         self.envelopes: list[Envelope] = []
         self.errors: list[str] = []  # requests it could not take, with the reason
         self._changed = threading.Condition()
@@ -130,6 +141,8 @@ class SentryEndpoint:
                     self._answer(400, b'{"detail":"bad envelope"}')
                     return
                 endpoint._store(envelope)
+                if endpoint.delay:
+                    time.sleep(endpoint.delay)  # the SDK's worker waits for the answer
                 event_id = envelope.headers.get("event_id")
                 self._answer(200, json.dumps({"id": event_id}).encode())
 
@@ -143,7 +156,7 @@ class SentryEndpoint:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # quiet: tests read what was stored, not the access log
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.port: int = self._server.server_address[1]
         self._thread = threading.Thread(

@@ -20,7 +20,8 @@ from helpers import connect, free_port, wait_for
 from sentry_endpoint import SentryEndpoint
 
 from watchdog import __version__
-from watchdog.alerts import Alerts, monitor_slug
+from watchdog.alerts import Alerts
+from watchdog.alerts_sentry import monitor_slug
 from watchdog.audit import AuditError, AuditLog
 from watchdog.config import Config, load_config
 from watchdog.connect import TargetError, server_address
@@ -442,26 +443,29 @@ def test_secrets_are_scrubbed_from_message_tags_extra_and_contexts(
 # -- check-ins ----------------------------------------------------------------------------
 
 
-async def test_checkins_pair_in_progress_with_ok_per_sweep(
+async def test_checkins_pair_in_progress_with_ok_once_per_interval_and_errors_at_once(
     roles: TempCluster,
     tmp_path: Path,
     sentry: SentryEndpoint,
     make_alerts: Callable[[Config], Alerts],
 ) -> None:
-    config = write_config(tmp_path, roles, sentry)
+    config = write_config(tmp_path, roles, sentry)  # main is swept every 30 s
     alerts = make_alerts(config)
     async with watching(config) as watch:
-        for _ in range(2):
+        for _ in range(3):  # sweeps come much faster than that near thresholds
             alerts.checkin("main", "in_progress")
             report = await watch.sweep()
             alerts.checkin("main", "ok", report.duration)
-    checkins = sentry.wait_checkins(4)
+    alerts.checkin("main", "error", 0.01)  # a failure is news: it goes out at once
+    alerts.checkin("main", "in_progress")
+    alerts.checkin("main", "error", 0.01)  # but once per interval
+    alerts.close()  # flushes: whatever was handed over has arrived
+    checkins = sentry.checkins()
 
-    assert [c["status"] for c in checkins] == ["in_progress", "ok"] * 2
+    assert [c["status"] for c in checkins] == ["in_progress", "ok", "error"]
     assert {c["monitor_slug"] for c in checkins} == {"pg-watchdog-main"}
     assert checkins[0]["check_in_id"] == checkins[1]["check_in_id"]
-    assert checkins[2]["check_in_id"] == checkins[3]["check_in_id"]
-    assert checkins[0]["check_in_id"] != checkins[2]["check_in_id"]
+    assert checkins[2]["check_in_id"] != checkins[0]["check_in_id"]
     assert checkins[0]["duration"] is None
     assert 0 < checkins[1]["duration"] < 5
     assert checkins[1]["monitor_config"]["schedule"] == {

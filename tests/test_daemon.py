@@ -15,9 +15,10 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from daemon import Daemon, audit_records, backend_alive, setup_roles, write_config
+from daemon import Daemon, audit_records, backend_alive, write_config
 from helpers import connect, wait_for
 from notify_listener import NotifyListener
+from scenario import setup_roles
 
 from watchdog.config import load_config
 from watchdog.service import Service

@@ -4,8 +4,8 @@ Hypothesis draws snapshots (backend types, states including NULL, superusers and
 rolsuper, excluded applications and addresses, LISTEN queries, parallel workers, the
 watchdog's own pid, timestamps on and around the thresholds) and valid configurations
 (policies with states, thresholds, filters, exclusions (member_of too), `when`, dry_run, targets,
-max_per_sweep). The oracle below re-derives every rule from SPEC sections 2 and 5 without
-calling watchdog.decide's helpers; `decide()` must agree with it.
+max_per_sweep). The oracle below re-derives every rule (the policy file's and the safety
+invariants) without calling watchdog.decide's helpers; `decide()` must agree with it.
 
 Examples per run: 1,500 (the full oracle: safety, verdicts, first policy wins, limits,
 oldest first, next_due) + 400 (dry run from each source yields only dry actions) + 400
@@ -239,7 +239,7 @@ def _in_nets(addr: str | None, nets: tuple[ipaddress.IPv4Network | ipaddress.IPv
 
 
 def untouchable(s: Session, snap: Snapshot) -> bool:
-    """SPEC 5.1: never signalled whatever the configuration says."""
+    """Never signalled whatever the configuration says: non-client backends, itself, workers."""
     return (s.backend_type != CLIENT or s.pid == snap.own_pid or s.leader_pid is not None
             or s.application_name == "pg-watchdog"
             # Without pg_monitor the row's details are NULL: nothing to go on, so nothing done.
@@ -247,7 +247,7 @@ def untouchable(s: Session, snap: Snapshot) -> bool:
 
 
 def excluded(s: Session, ex: Exclusions) -> bool:
-    """SPEC 2 `exclude:`; an unknown rolsuper counts as a superuser (never guess to kill)."""
+    """The `exclude:` section; an unknown rolsuper counts as a superuser (never guess to kill)."""
     return ((ex.superusers and s.rolsuper is not False)
             or _globbed(s.usename, ex.users)
             or _globbed(s.application_name, ex.applications)

@@ -22,7 +22,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 from conftest import MAJORS
-from daemon import Daemon, setup_roles, write_config
+from daemon import Daemon, write_config
 from faults import (
     SIGNALLED,
     CutProxy,
@@ -41,6 +41,7 @@ from faults import (
     tmpfs,
 )
 from helpers import connect, wait_for
+from scenario import setup_roles
 
 from watchdog import runner
 from watchdog.config import load_config

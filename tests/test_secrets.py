@@ -1,4 +1,4 @@
-"""SPEC 5.6: passwords (in DSNs, in password files) never reach any output.
+"""Passwords (in DSNs, in password files) never reach any output: logs, audit, Sentry, CLI.
 
 Every command runs for real, against a reachable server (trust auth accepts any
 password, so the secrets are really sent) and against unreachable targets (a closed

@@ -135,31 +135,74 @@ async def mix(pg: TempCluster, roles: None) -> AsyncIterator[dict[str, list[int]
             await asyncio.gather(sleeping, return_exceptions=True)
 
 
-async def test_counts_by_state_user_and_application_exclude_the_watchdogs_own_connection(
+async def test_counts_by_state_user_and_application_include_the_watchdogs_own_slot(
     pg: TempCluster, mix: dict[str, list[int]], tmp_path: Path
 ) -> None:
     r = await status_json(write_config(tmp_path / "p.yaml", main=pg.dsn("watchdog")))
-    assert r["used"] == 9
-    assert r["by_state"] == {"idle": 6, "idle in transaction": 2, "active": 1}
-    assert r["by_user"] == {"app": 8, "postgres": 1}
+    assert r["used"] == 10  # the 9 sessions of the mix, and the watchdog's own
+    assert r["by_state"] == {"idle": 6, "active": 2, "idle in transaction": 2}
+    assert r["by_user"] == {"app": 8, "postgres": 1, "watchdog": 1}
     assert r["by_application"] == {
         "web": 3,
         "worker": 2,
         "admin": 1,
         "listener": 1,
+        "pg-watchdog": 1,
         "pg_dump": 1,
         "sleeper": 1,
     }
     assert r["max_connections"] == 30
     assert r["superuser_reserved_connections"] == 3
     assert r["reserved_connections"] == (0 if pg.major >= 16 else None)
-    assert (r["capacity"], r["headroom"], r["saturation_pct"]) == (27, 18, 33.3)
+    assert (r["capacity"], r["headroom"], r["saturation_pct"]) == (27, 17, 37.0)
     assert r["hidden_sessions"] == 0
     assert r["server_version"].startswith(f"{pg.major}.")
     assert r["oldest_idle_s"] >= 0 and r["oldest_idle_in_transaction_s"] >= 0
-    assert "pg-watchdog" not in r["by_application"]
     assert all(r["own_pid"] not in pids for pids in mix.values())
     assert "explain" not in r
+
+
+EDGE = """
+targets:
+  - name: main
+    dsn: {dsn}
+exclude:
+  superusers: true
+policies:
+  - name: full
+    state: idle
+    longer_than: 1s
+    when: {{connections_above: 90%}}
+"""
+
+
+async def test_status_counts_used_as_the_policies_do_at_the_edge_of_a_90_percent_policy(
+    pg: TempCluster, roles: None, tmp_path: Path
+) -> None:
+    """24 sessions and the watchdog's own fill 25 of 27 slots (92.6 %): the policy acts, and
+    status must not say 24 (88.9 %), nor check --connect."""
+    end_other_sessions(pg)
+    await wait_for(lambda: pg.psql(COUNT_OTHERS) == "0", what="no leftover sessions")
+    config = tmp_path / "edge.yaml"
+    config.write_text(EDGE.format(dsn=pg.dsn("watchdog")))
+    conns = [await connect(pg, "app", application_name=f"edge-{i}") for i in range(24)]
+    try:
+        await wait_for(lambda: pg.psql(IDLE_PAST_1S) == "t", what="idle sessions past 1s")
+        r = await status_json(str(config))
+        assert r["capacity"] == 27
+        acting = [a for a in r["next_actions"] if a["acting"]]
+        assert {a["policy"] for a in acting} == {"full"} and len(acting) == 24
+        assert (r["used"], r["headroom"], r["saturation_pct"]) == (25, 2, 92.6)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "watchdog", "check", "--connect", "-c", str(config),
+            env=ENV, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        [headroom] = [line for line in out.decode().splitlines() if "headroom" in line]
+        assert "25 of 27 ordinary slots used (93%)" in headroom, headroom
+    finally:
+        for conn in conns:
+            conn.terminate()
 
 
 async def test_explain_names_the_policy_or_the_sparing_rule_of_every_session(

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from watchdog import queries
-from watchdog.model import Action, Outcome
+from watchdog.model import Action, Outcome, Session
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +23,10 @@ CONFIRM_WITHIN = 2.0
 _CONFIRM_STEPS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
 
 _VERDICT_OUTCOME = {"gone": "gone", "changed": "skipped_changed"}
-_DENIED = {
+_REFUSED = {
     "denied_superuser": "permission denied: only a superuser can signal a superuser's backend",
     "denied": "permission denied: the watchdog role needs pg_signal_backend",
+    "unknown_action": "unknown action: only terminate and cancel are ever signalled",
 }
 
 
@@ -72,8 +73,10 @@ async def execute(
         verdict = row["verdict"]
         if verdict in _VERDICT_OUTCOME:
             outcomes[a.session.pid] = Outcome(a, _VERDICT_OUTCOME[verdict])
-        elif verdict in _DENIED:
-            outcomes[a.session.pid] = Outcome(a, "failed", _DENIED[verdict])
+        elif verdict in _REFUSED:
+            outcomes[a.session.pid] = Outcome(a, "failed", _REFUSED[verdict])
+        elif row["signalled"] is None:  # the statement sent no signal for this row
+            outcomes[a.session.pid] = Outcome(a, "failed", f"not signalled (verdict {verdict})")
         elif not row["signalled"]:
             # The function returns false when the pid is no longer a backend.
             outcomes[a.session.pid] = Outcome(a, "gone")
@@ -103,14 +106,21 @@ async def _survivors(conn: Any, terminated: list[Action], timeout: float | None)
     deadline = time.monotonic() + CONFIRM_WITHIN
     steps = iter(_CONFIRM_STEPS)
     while pending:
-        rows = await conn.fetch(
-            queries.STILL_THERE,
-            list(pending),
-            [a.session.backend_start for a in terminated if a.session.pid in pending],
-            timeout=timeout,
+        pending = await still_there(
+            conn, [a.session for a in terminated if a.session.pid in pending], timeout
         )
-        pending = {r["pid"] for r in rows}
         if not pending or time.monotonic() >= deadline:
             break
         await asyncio.sleep(next(steps, 0.4))
     return [a.session.pid in pending for a in terminated]
+
+
+async def still_there(conn: Any, sessions: Sequence[Session], timeout: float | None) -> set[int]:
+    """The pids of ``sessions`` whose very backend (same pid and backend_start) still runs."""
+    rows = await conn.fetch(
+        queries.STILL_THERE,
+        [s.pid for s in sessions],
+        [s.backend_start for s in sessions],
+        timeout=timeout,
+    )
+    return {r["pid"] for r in rows}

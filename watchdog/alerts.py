@@ -12,16 +12,12 @@ import logging
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from watchdog.alerts_sentry import FLUSH_TIMEOUT as FLUSH_TIMEOUT
 from watchdog.alerts_sentry import SentryChannel
-from watchdog.alerts_sentry import monitor_config as monitor_config
-from watchdog.alerts_sentry import monitor_slug as monitor_slug
 from watchdog.config import Config
 from watchdog.connect import scrub
-from watchdog.model import CLIENT_BACKEND
 
 if TYPE_CHECKING:
-    from watchdog.model import Outcome, Session
+    from watchdog.model import Outcome
     from watchdog.sweep import SweepReport
 
 log = logging.getLogger(__name__)
@@ -45,10 +41,6 @@ def _top(values: list[str | None]) -> dict[str, int]:
 
 def _is_denied(o: Outcome) -> bool:
     return o.outcome == "failed" and (o.error or "").startswith("permission denied")
-
-
-def _clients(sessions: tuple[Session, ...]) -> list[Session]:
-    return [s for s in sessions if s.backend_type == CLIENT_BACKEND]
 
 
 class Alerts(SentryChannel):
@@ -175,7 +167,7 @@ class Alerts(SentryChannel):
         log.warning("%s, above alerts.connections_above %.0f%%", message, threshold * 100)
         if not report.leader:
             return  # the instance that acts on this server alerts; observers only log
-        clients = _clients(snap.sessions)
+        clients = snap.clients
         self._capture(
             message,
             "error",
@@ -197,10 +189,16 @@ class Alerts(SentryChannel):
             },
         )
 
-    def trouble(self, kind: str, message: str, target: str | None = None) -> None:
-        """An error event about the watchdog itself: unreachable, permission, audit, reload."""
+    def trouble(
+        self, kind: str, message: str, target: str | None = None, *, logged: bool = True
+    ) -> None:
+        """An error event about the watchdog itself: unreachable, permission, audit, reload.
+
+        ``logged=False`` when the caller prints the message itself (`once`: one line each).
+        """
         message = scrub(message, self.secrets())  # callers pass safe text; this makes sure
-        log.error("%s", message)
+        if logged:
+            log.error("%s", message)
         tags = {"kind": kind}
         fingerprint = ["pg-watchdog", kind]
         if target is not None:

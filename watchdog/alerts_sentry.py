@@ -12,7 +12,9 @@ import logging
 import math
 import re
 import socket
+import time
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -30,6 +32,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("watchdog.alerts")
 
 FLUSH_TIMEOUT = 2.0
+# sentry-sdk sends one envelope at a time and drops new ones silently once this many wait.
+# Its default (100) is a few seconds of a storm against a Sentry that answers slowly; the
+# check-ins are paced below, and this leaves room for a burst of acted events.
+TRANSPORT_QUEUE = 1000
 
 
 def monitor_slug(target: str) -> str:
@@ -59,6 +65,15 @@ def _scrub_all(value: Any, secrets: list[str]) -> Any:
     return value
 
 
+@dataclass
+class _Pace:
+    """The check-ins of one target: when the last one of its interval went out, and how."""
+
+    sent_at: float | None = None  # monotonic time of the interval's check-in (or pair)
+    status: str = ""  # the last closing status sent: ok or error
+    open_id: str | None = None  # the in_progress check-in awaiting its ok or error
+
+
 class SentryChannel:
     """The Sentry client across reloads, scrubbing, capture and check-ins; Alerts builds on it."""
 
@@ -66,7 +81,7 @@ class SentryChannel:
         self.config = config
         self._client: sentry_sdk.Client | None = None
         self._sentry: SentryConfig | None = None
-        self._checkins: dict[str, str] = {}  # target -> check_in_id of its sweep in progress
+        self._pace: dict[str, _Pace] = {}  # target -> its check-ins so far
         self.configure(config)
 
     @property
@@ -80,7 +95,7 @@ class SentryChannel:
         """Apply a (reloaded) config; restarts the Sentry client only if its settings changed."""
         self.config = config
         names = {t.name for t in config.targets}
-        self._checkins = {k: v for k, v in self._checkins.items() if k in names}
+        self._pace = {k: v for k, v in self._pace.items() if k in names}
         sentry = config.alerts.sentry
         if sentry == self._sentry:
             return
@@ -106,6 +121,7 @@ class SentryChannel:
                 include_local_variables=False,
                 max_breadcrumbs=0,
                 before_send=self._before_send,
+                transport_queue_size=TRANSPORT_QUEUE,
             )
         except Exception as exc:  # BadDsn and friends: the watchdog keeps working without
             log.error("Sentry alerts off: cannot use alerts.sentry.dsn: %s", exc)
@@ -114,17 +130,17 @@ class SentryChannel:
         self._client = client if isinstance(client, sentry_sdk.Client) else None
         log.info("Sentry alerts on (environment %s)", environment)
 
-    def _stop(self) -> None:
+    def _stop(self, timeout: float = FLUSH_TIMEOUT) -> None:
         client, self._client = self._client, None
         if client is None:
             return
-        client.close(timeout=FLUSH_TIMEOUT)  # flushes first: nothing exits the process unsent
+        client.close(timeout=timeout)  # flushes first: nothing exits the process unsent
         if sentry_sdk.get_client() is client:
             sentry_sdk.get_global_scope().set_client(None)
 
-    def close(self) -> None:
-        """Flush what is pending (waits up to 2 s) and stop the Sentry client."""
-        self._stop()
+    def close(self, timeout: float = FLUSH_TIMEOUT) -> None:
+        """Flush what is pending (waiting up to ``timeout`` s) and stop the Sentry client."""
+        self._stop(timeout)
 
     # -- scrubbing -----------------------------------------------------------------
 
@@ -163,15 +179,32 @@ class SentryChannel:
     # -- check-ins -----------------------------------------------------------------
 
     def checkin(self, target: str, status: str, duration: float | None = None) -> None:
-        """A cron check-in for one target sweep: in_progress, then ok or error."""
-        log.debug("%s: check-in %s", target, status)
+        """A cron check-in for one target: ok or error, or in_progress then ok or error.
+
+        At most one check-in (or in_progress pair) per target interval goes out, however
+        often the target is swept; an error after an ok goes out at once, once per interval.
+        """
         if self._client is None:
+            log.debug("%s: check-in %s", target, status)
             return
-        if status == "in_progress":
-            check_in_id = self._checkins[target] = uuid.uuid4().hex
-        else:
-            check_in_id = self._checkins.pop(target, "") or uuid.uuid4().hex
         interval = next((t.interval for t in self.config.targets if t.name == target), 60.0)
+        pace = self._pace.setdefault(target, _Pace())
+        now = time.monotonic()
+        due = pace.sent_at is None or now - pace.sent_at >= interval
+        if status == "in_progress":
+            if not due:
+                return
+            pace.sent_at, pace.open_id = now, uuid.uuid4().hex
+            check_in_id = pace.open_id
+        elif pace.open_id is not None:
+            check_in_id, pace.open_id, pace.status = pace.open_id, None, status
+        elif due or (status == "error" and pace.status != "error"):
+            if due:
+                pace.sent_at = now
+            check_in_id, pace.status = uuid.uuid4().hex, status
+        else:
+            return  # this interval's check-in went out already
+        log.debug("%s: check-in %s", target, status)
         try:
             capture_checkin(
                 monitor_slug=monitor_slug(target),

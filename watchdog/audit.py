@@ -48,7 +48,7 @@ def iso(ts: datetime | None) -> str | None:
 def make_record(
     o: Outcome, *, server: str, sweep: str, query_mode: str, ts: datetime | None = None
 ) -> dict[str, Any]:
-    """The audit record of one outcome (SPEC section 4)."""
+    """The audit record of one outcome, with every field the README's audit log section lists."""
     a, s = o.action, o.action.session
     query = s.query
     if query_mode == "omit":

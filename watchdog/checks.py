@@ -18,7 +18,7 @@ from watchdog import queries
 from watchdog.config import Config, Target
 from watchdog.connect import STATEMENT_TIMEOUT, TargetError, connect, describe_error, server_address
 from watchdog.managed import RoleFacts, killable, members_now, read_roles
-from watchdog.model import CLIENT_BACKEND, Snapshot
+from watchdog.model import Snapshot
 from watchdog.review_render import fit
 from watchdog.snapshot import take_snapshot
 
@@ -125,17 +125,12 @@ def _reserved(row: Any, role: str, snapshot: Snapshot) -> Check:
 
 
 def _headroom(snapshot: Snapshot, config: Config, sees_all: bool) -> Check:
-    used = sum(
-        1
-        for s in snapshot.sessions
-        if s.backend_type == CLIENT_BACKEND and s.pid != snapshot.own_pid
-    )
-    cap = snapshot.capacity
+    used, cap = snapshot.used, snapshot.capacity
     text = f"headroom {cap - used}: {used} of {cap} ordinary slots used ({100 * used / cap:.0f}%)"
     if not sees_all:
         text += ", approximate (other roles' sessions are not all visible)"
     limit = config.alerts.connections_above
-    if used >= cap or (limit is not None and used / cap > limit):
+    if used >= cap or (limit is not None and snapshot.saturation > limit):
         return Check(WARN, text)
     return Check(OK, text)
 

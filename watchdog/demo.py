@@ -28,8 +28,6 @@ from watchdog import review
 from watchdog.config import Config, load_config
 from watchdog.decide import decide
 from watchdog.demo_incident import APP, DemoError, Incident
-from watchdog.demo_incident import LEAK_PACE as LEAK_PACE
-from watchdog.demo_incident import MAX_CONNECTIONS as MAX_CONNECTIONS
 from watchdog.model import APPLICATION_NAME, CLIENT_BACKEND, Snapshot
 from watchdog.service import Service
 from watchdog.snapshot import take_snapshot

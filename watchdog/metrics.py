@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from watchdog.config import STATES, Config
-from watchdog.model import CLIENT_BACKEND
 
 if TYPE_CHECKING:
     from watchdog.sweep import SweepReport
@@ -129,7 +128,7 @@ class Metrics:
         for o in report.outcomes:
             self.actions.labels(target, o.action.policy, o.outcome).inc()
             acted.add((o.action.policy, o.outcome))
-        counts = Tally(s.state or OTHER for s in snap.sessions if s.backend_type == CLIENT_BACKEND)
+        counts = Tally(s.state or OTHER for s in snap.clients)
         # Every state is written each sweep, so one that vanished reads 0, not its last value.
         states = self._states.setdefault(target, set()) | {*STATES, OTHER, *counts}
         self._states[target] = states

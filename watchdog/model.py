@@ -69,9 +69,19 @@ class Snapshot:
         return max(self.max_connections - self.superuser_reserved - self.reserved, 1)
 
     @property
+    def clients(self) -> tuple[Session, ...]:
+        """The sessions holding a connection slot: every client backend, the watchdog's own too.
+
+        The one definition of "used" for status, check, decide, alerts and metrics. The
+        watchdog's own session counts because it holds a slot: the server counts it when it
+        refuses a connection with "remaining connection slots are reserved".
+        """
+        return tuple(s for s in self.sessions if s.backend_type == CLIENT_BACKEND)
+
+    @property
     def used(self) -> int:
-        """Client sessions holding a slot."""
-        return sum(1 for s in self.sessions if s.backend_type == CLIENT_BACKEND)
+        """Connection slots in use (see ``clients``)."""
+        return len(self.clients)
 
     @property
     def saturation(self) -> float:

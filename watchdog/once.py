@@ -7,12 +7,16 @@ import json
 import sys
 from typing import Any
 
+from watchdog.alerts import Alerts
 from watchdog.audit import AuditError, AuditLog
 from watchdog.config import Config, Target
 from watchdog.connect import TargetError, connect, describe_error, server_address
 from watchdog.review_render import write_table
 from watchdog.sweep import SweepReport, sweep_target
 from watchdog.units import format_duration
+
+# A cron job may wait this long at exit for a slow Sentry to take its alerts and check-ins.
+FLUSH_AT_EXIT = 10.0
 
 
 async def _one(config: Config, target: Target, audit: AuditLog, dry_run: bool) -> SweepReport:
@@ -44,7 +48,20 @@ def _summary(report: SweepReport) -> dict[str, Any]:
 
 
 async def run_once(config: Config, dry_run: bool = False, as_json: bool = False) -> int:
-    """Sweep each target once, concurrently; 1 if any target failed."""
+    """Sweep each target once, concurrently; 1 if any target failed. Alerts as `run` does."""
+    alerts = Alerts(config)
+    try:
+        return await _sweep_all(config, alerts, dry_run, as_json)
+    except AuditError as exc:  # no target was swept: the log cannot take records
+        alerts.trouble("audit", f"{exc}; nothing was signalled", logged=False)
+        for t in config.targets:
+            alerts.checkin(t.name, "error")
+        raise
+    finally:
+        alerts.close(FLUSH_AT_EXIT)
+
+
+async def _sweep_all(config: Config, alerts: Alerts, dry_run: bool, as_json: bool) -> int:
     audit = AuditLog(config.audit.path)
     audit.recover()
     # Fail closed before touching any server: a sweep that cannot record must not act.
@@ -59,9 +76,14 @@ async def run_once(config: Config, dry_run: bool = False, as_json: bool = False)
             if not isinstance(result, TargetError | AuditError):
                 raise result
             failed += 1
+            kind = "audit" if isinstance(result, AuditError) else "unreachable"
+            alerts.trouble(kind, str(result), target.name, logged=False)
+            alerts.checkin(target.name, "error")
             print(f"pg-watchdog: {result}", file=sys.stderr)
             out.append({"target": target.name, "error": str(result)})
             continue
+        alerts.swept(result)
+        alerts.checkin(target.name, "ok", result.duration)
         out.append(_summary(result))
         if not as_json:
             s = result.snapshot

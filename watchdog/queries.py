@@ -61,7 +61,8 @@ LEFT JOIN membership m ON m.oid = a.usesysid
 # activity table, so the look is microseconds old, not as old as the statement;
 # it returns void, which is never NULL, so the CASE always yields v.pid and only
 # exists to make the call happen per row. CASE evaluates the signalling branch
-# only for rows whose verdict is 'signal'.
+# only for rows whose verdict is 'signal'. Each signal is named explicitly: an action that
+# is neither 'terminate' nor 'cancel' is never signalled ('unknown_action'), never a kill.
 ACT = """
 WITH me AS (
     SELECT oid, rolsuper, pg_has_role(oid, 'pg_signal_backend', 'USAGE') AS can_signal
@@ -70,13 +71,15 @@ WITH me AS (
 SELECT v.pid, j.verdict,
        CASE WHEN j.verdict <> 'signal' THEN NULL
             WHEN v.action = 'cancel' THEN pg_cancel_backend(v.pid)
-            ELSE pg_terminate_backend(v.pid)
+            WHEN v.action = 'terminate' THEN pg_terminate_backend(v.pid)
        END AS signalled
 FROM unnest($1::int[], $2::timestamptz[], $3::text[], $4::timestamptz[], $5::text[])
         AS v(pid, backend_start, state, state_change, action)
 CROSS JOIN me
 CROSS JOIN LATERAL (
     SELECT CASE
+             WHEN v.action IS NULL OR v.action NOT IN ('terminate', 'cancel')
+               THEN 'unknown_action'
              WHEN a.pid IS NULL OR a.backend_start IS DISTINCT FROM v.backend_start THEN 'gone'
              WHEN a.state IS DISTINCT FROM v.state
                OR a.state_change IS DISTINCT FROM v.state_change THEN 'changed'
@@ -93,10 +96,12 @@ CROSS JOIN LATERAL (
 ) AS j
 """
 
-# Which of a batch of terminated backends are still there (one look for the batch).
+# Which of a batch of terminated backends are still there (one look for the batch): each
+# (pid, backend_start) pair, as a pair; a new backend that reused a pid is not the old one.
 STILL_THERE = """
-SELECT pid FROM pg_stat_activity
-WHERE pid = ANY($1::int[]) AND backend_start = ANY($2::timestamptz[])
+SELECT a.pid
+FROM unnest($1::int[], $2::timestamptz[]) AS v(pid, backend_start)
+JOIN pg_stat_activity a ON a.pid = v.pid AND a.backend_start = v.backend_start
 """
 
 # Where the watchdog is connected, for the audit record's `server` field.

@@ -89,7 +89,6 @@ class Service:
         if runner is None or self.stop.is_set():
             return
         started = time.monotonic()
-        self.alerts.checkin(name, "in_progress")
         try:
             report = await runner.sweep(self.config, self.audit, self.dry_run)
         except AuditError as exc:

@@ -20,7 +20,7 @@ from watchdog.blockers import describe as describe_blocking
 from watchdog.config import Config, Target
 from watchdog.connect import STATEMENT_TIMEOUT, connect, describe_error, server_address
 from watchdog.decide import decide
-from watchdog.model import CLIENT_BACKEND, Session, Snapshot, Verdict
+from watchdog.model import Session, Snapshot, Verdict
 from watchdog.review_render import dumps_line, fit
 from watchdog.snapshot import take_snapshot
 from watchdog.units import format_duration
@@ -47,7 +47,9 @@ def _counts(values: Iterable[str]) -> dict[str, int]:
     return dict(sorted(Counter(values).items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def _oldest(snapshot: Snapshot, sessions: list[Session], states: tuple[str, ...]) -> float | None:
+def _oldest(
+    snapshot: Snapshot, sessions: tuple[Session, ...], states: tuple[str, ...]
+) -> float | None:
     ages = [a for s in sessions if s.state in states and (a := _age(snapshot, s)) is not None]
     return round(max(ages), 3) if ages else None
 
@@ -115,12 +117,8 @@ def build_report(
         p = policies.get(v.policy or "")
         return config.dry_run or (p is not None and p.dry_run)
 
-    clients = [
-        s
-        for s in snapshot.sessions
-        if s.backend_type == CLIENT_BACKEND and s.pid != snapshot.own_pid
-    ]
-    used = len(clients)
+    clients = snapshot.clients
+    used = snapshot.used
     num = snapshot.server_version_num
     planned = sorted(
         (v for v in decision.verdicts if v.policy is not None),
@@ -140,7 +138,7 @@ def build_report(
         "capacity": snapshot.capacity,
         "used": used,
         "headroom": snapshot.capacity - used,
-        "saturation_pct": round(100.0 * used / snapshot.capacity, 1),
+        "saturation_pct": round(100.0 * snapshot.saturation, 1),
         # Rows whose backend_type is hidden: the role lacks pg_read_all_stats.
         "hidden_sessions": sum(1 for s in snapshot.sessions if not s.backend_type),
         "by_state": _counts(s.state or "(not visible)" for s in clients),
