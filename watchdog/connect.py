@@ -94,7 +94,9 @@ _SSL_NOISE = re.compile(r"^\[SSL(?:: [A-Z_]+)?\] | \(_ssl\.c:\d+\)$")
 def _tls_reason(exc: ssl.SSLError) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
         why = str(exc.verify_message).rstrip(".")
-        return f"TLS: certificate verify failed: {why[:1].lower()}{why[1:]}"
+        if why[1:2].islower():  # "Hostname mismatch", not "IP address mismatch"
+            why = why[:1].lower() + why[1:]
+        return f"TLS: certificate verify failed: {why}"
     return f"TLS: {_SSL_NOISE.sub('', str(exc.strerror or exc.reason or exc))}"
 
 
