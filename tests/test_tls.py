@@ -202,6 +202,27 @@ async def test_tls_failure_is_one_line(
     assert str(err.value) == line
 
 
+async def test_system_ca_store(server: TempCluster, certs: Path, tmp_path: Path) -> None:
+    # sslrootcert=system (libpq 16+) trusts the operating system's CAs; OpenSSL's
+    # SSL_CERT_FILE stands in for them here.
+    dsn = _dsn(server, sslrootcert="system")
+    res = await _cli(_config(tmp_path, dsn), "check", "--connect",
+                     env={"SSL_CERT_FILE": str(certs / "ca.crt")})
+    assert res.rc == 0, (res.stdout, res.stderr)
+    res = await _cli(_config(tmp_path, _dsn(server, "127.0.0.1", sslrootcert="system")), "once",
+                     env={"SSL_CERT_FILE": str(certs / "ca.crt")})
+    assert (res.rc, res.stderr) == (1, "pg-watchdog: main: TLS: certificate verify failed: IP "
+                                       "address mismatch, certificate is not valid for "
+                                       "'127.0.0.1'\n")
+    res = await _cli(_config(tmp_path, dsn), "once",
+                     env={"SSL_CERT_FILE": str(certs / "other-ca.crt")})
+    assert res.rc == 1
+    assert res.stderr.startswith("pg-watchdog: main: TLS: certificate verify failed: ")
+    res = await _cli(_config(tmp_path, dsn + " sslmode=require"), "check")
+    assert res.rc == 2
+    assert "sslrootcert=system needs sslmode=verify-full, not require" in res.stderr
+
+
 def test_no_user_certificates_in_home() -> None:
     # asyncpg falls back to ~/.postgresql/root.crt and postgresql.crt: the tests above assume
     # there are none (else `require` would verify against them).

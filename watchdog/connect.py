@@ -139,6 +139,8 @@ async def connect(target: Target, timeout: float | None = None) -> Any:
         args = conninfo.connect_args(target.dsn)
         await asyncio.to_thread(_check_tls_files, target, args.tls_files)
         kwargs = dict(args.kwargs)
+        if args.system_ca:
+            kwargs["ssl"] = await asyncio.to_thread(conninfo.system_tls_context, args)
         password = read_password(target)
         if password is not None:
             kwargs["password"] = password

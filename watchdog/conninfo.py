@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -248,10 +249,21 @@ def _check_ports(params: Mapping[str, Param]) -> None:
                                 params["port"].offset)
 
 
+def _check_system_ca(sslrootcert: str, sslmode: str | None, offset: int | None) -> None:
+    # As libpq 16+: the operating system's CAs only make sense if the host name is checked.
+    if sslrootcert == "system" and sslmode not in (None, "verify-full"):
+        raise ConninfoError(f"sslrootcert=system needs sslmode=verify-full, not {sslmode}",
+                            offset)
+
+
 def validate(dsn: str) -> dict[str, Param]:
     """:func:`parse` plus the checks that need every parameter; ConninfoError if invalid."""
     params = parse(dsn)
     _check_ports(params)
+    if "sslrootcert" in params:
+        mode = params.get("sslmode")
+        _check_system_ca(params["sslrootcert"].value, mode.value if mode else None,
+                         (mode or params["sslrootcert"]).offset)
     return params
 
 
@@ -264,6 +276,9 @@ class ConnectArgs:
     timeout: float | None
     sslmode: str
     tls_files: dict[str, str]  # sslrootcert/sslcert/sslkey/sslcrl to be loaded, from DSN or env
+    # sslrootcert=system: the caller passes system_tls_context() as asyncpg's ``ssl``.
+    system_ca: bool = False
+    sslpassword: str = ""
 
 
 _TLS_ENV = {"sslrootcert": "PGSSLROOTCERT", "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY",
@@ -286,8 +301,15 @@ def connect_args(dsn: str, environ: Mapping[str, str] | None = None) -> ConnectA
         ports = ports * hosts if len(ports) == 1 else ports
         kwargs["port"] = [int(p or default) for p in ports]
     tls = {k: params[k] for k in _TLS_URI_KEYS if params.get(k)}
-    sslmode = tls.get("sslmode") or env.get("PGSSLMODE") or "prefer"
     files = {k: params.get(k) or env.get(var, "") for k, var in _TLS_ENV.items()}
+    system_ca = files["sslrootcert"] == "system"
+    explicit_mode = tls.get("sslmode") or env.get("PGSSLMODE")
+    if system_ca:
+        _check_system_ca("system", explicit_mode, None)
+        files.pop("sslrootcert")
+        # asyncpg cannot load the system store: it gets our context, and no TLS URI keys.
+        tls = {k: v for k, v in tls.items() if k in ("sslnegotiation",)}
+    sslmode = "verify-full" if system_ca else explicit_mode or "prefer"
     if sslmode == "disable":
         files = {}
     elif sslmode in ("allow", "prefer"):  # asyncpg verifies nothing then, nor loads the CA
@@ -296,7 +318,22 @@ def connect_args(dsn: str, environ: Mapping[str, str] | None = None) -> ConnectA
     timeout = float(params["connect_timeout"]) if "connect_timeout" in params else None
     return ConnectArgs(dsn="postgresql://" + (f"?{query}" if query else ""), kwargs=kwargs,
                        timeout=timeout, sslmode=sslmode,
-                       tls_files={k: v for k, v in files.items() if v})
+                       tls_files={k: v for k, v in files.items() if v}, system_ca=system_ca,
+                       sslpassword=params.get("sslpassword", ""))
+
+
+_TLS_VERSIONS = {"TLSv1": ssl.TLSVersion.TLSv1, "TLSv1.1": ssl.TLSVersion.TLSv1_1,
+                 "TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def system_tls_context(args: ConnectArgs) -> ssl.SSLContext:
+    """For sslrootcert=system: verify-full against the operating system's CAs (blocking I/O)."""
+    ctx = ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # asyncpg's and libpq's default
+    if cert := args.tls_files.get("sslcert"):
+        ctx.load_cert_chain(cert, args.tls_files.get("sslkey") or None,
+                            password=lambda: args.sslpassword)
+    return ctx
 
 
 def passwords(dsn: str) -> list[str]:
