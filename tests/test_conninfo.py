@@ -220,3 +220,21 @@ async def test_check_reports_an_unknown_key_where_it_is(pg: TempCluster, tmp_pat
     res = await run_cli("check", "--connect", "-c", good)
     assert res.rc == 0, res.stderr
     assert "reachable at" in res.stdout
+
+
+async def test_service_file(pg: TempCluster, tmp_path: Path,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    setup_roles(pg)
+    services = tmp_path / "pg_service.conf"
+    services.write_text(f"[main]\nhost={pg.host}\nport={pg.port}\ndbname=postgres\n"
+                        f"user={WATCHDOG_ROLE}\n", encoding="utf-8")
+    monkeypatch.setenv("PGSERVICEFILE", str(services))
+    for dsn, env in (("service=main", {}), ("", {"PGSERVICE": "main"}),
+                     ("postgresql://?service=main", {})):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        conn = await connect(Target("t", dsn, None, 30.0))
+        try:
+            assert await conn.fetchval("SELECT current_user") == WATCHDOG_ROLE
+        finally:
+            await conn.close()
