@@ -238,3 +238,9 @@ async def test_service_file(pg: TempCluster, tmp_path: Path,
             assert await conn.fetchval("SELECT current_user") == WATCHDOG_ROLE
         finally:
             await conn.close()
+
+
+def test_passwords_to_scrub() -> None:
+    found = conninfo.passwords(r"host=h password='a b\'c' sslpassword=k3y")
+    assert {"a b'c", r"a b\'c", "a%20b%27c", "k3y"} <= set(found)
+    assert conninfo.passwords("postgresql://u:p%40ss@h/d")[:1] == ["p@ss"]

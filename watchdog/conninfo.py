@@ -337,13 +337,14 @@ def system_tls_context(args: ConnectArgs) -> ssl.SSLContext:
 
 
 def passwords(dsn: str) -> list[str]:
-    """The password a DSN carries, decoded and as written (for scrubbing messages)."""
+    """The secrets a DSN carries (password, sslpassword), decoded and as written."""
     try:
         params = parse(dsn)
     except ConninfoError:
         return []
-    if "password" not in params:
-        return []
-    value = params["password"].value
-    escaped = value.replace("\\", "\\\\").replace("'", "\\'")  # as written in key=value form
-    return [value, escaped, quote(value, safe=""), quote(value)]
+    found = []
+    for key in ("password", "sslpassword"):
+        if value := params[key].value if key in params else "":
+            escaped = value.replace("\\", "\\\\").replace("'", "\\'")  # in key=value form
+            found += [value, escaped, quote(value, safe=""), quote(value)]
+    return found
