@@ -63,7 +63,7 @@ UNSUPPORTED = {
         ("keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
          "tcp_user_timeout", "replication", "gssencmode", "requiressl", "sslcompression",
          "sslsni", "sslcertmode", "sslcrldir", "sslkeylogfile", "channel_binding",
-         "require_auth", "requirepeer", "gssdelegation", "gsslib_delegation",
+         "require_auth", "requirepeer", "gssdelegation",
          "load_balance_hosts", "min_protocol_version", "max_protocol_version",
          "scram_client_key", "scram_server_key"),
         "",
