@@ -228,6 +228,9 @@ async def test_service_file(pg: TempCluster, tmp_path: Path,
     services = tmp_path / "pg_service.conf"
     services.write_text(f"[main]\nhost={pg.host}\nport={pg.port}\ndbname=postgres\n"
                         f"user={WATCHDOG_ROLE}\n", encoding="utf-8")
+    monkeypatch.delenv("PGSERVICEFILE", raising=False)
+    conn = await connect(Target("t", f"service=main servicefile={services}", None, 30.0))
+    await conn.close()
     monkeypatch.setenv("PGSERVICEFILE", str(services))
     for dsn, env in (("service=main", {}), ("", {"PGSERVICE": "main"}),
                      ("postgresql://?service=main", {})):
