@@ -1,6 +1,6 @@
 """Shared fixtures: real throwaway PostgreSQL clusters (never a mock of the database).
 
-``pg`` is one module-scoped cluster per major (ids ``pg15``, ``pg18``); set
+``pg`` is one module-scoped cluster per major (ids ``pg15``, ``pg16``, ``pg18``); set
 ``PG_WATCHDOG_TEST_MAJORS=15`` (or ``15,18``) to restrict the majors. A cluster that cannot
 start fails the test with the ClusterError message; it is never skipped.
 """
@@ -18,11 +18,11 @@ from scenario import kill_leftovers, setup_roles
 
 from watchdog.tempcluster import ClusterError, TempCluster, find_bindir, run_as_user, start_cluster
 
-DEFAULT_MAJORS = (15, 18)
+DEFAULT_MAJORS = (15, 16, 18)
 
 
 def selected_majors() -> list[int]:
-    """Majors under test, from $PG_WATCHDOG_TEST_MAJORS (default 15,18)."""
+    """Majors under test, from $PG_WATCHDOG_TEST_MAJORS (default 15,16,18)."""
     raw = os.environ.get("PG_WATCHDOG_TEST_MAJORS", "").strip()
     if not raw:
         return list(DEFAULT_MAJORS)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from conftest import MAJORS
 from daemon import Daemon, audit_records, backend_alive, write_config
 from helpers import connect, wait_for
 from notify_listener import NotifyListener
@@ -170,7 +171,7 @@ async def _fill(cluster: TempCluster) -> tuple[list[asyncpg.Connection], str]:
     raise AssertionError("the server never filled up")
 
 
-@pytest.mark.parametrize("major", [15, 18])
+@pytest.mark.parametrize("major", MAJORS)
 async def test_exhausted_server_is_healed_by_running_watchdog(
     make_cluster, tmp_path: Path, major: int
 ) -> None:
@@ -199,10 +200,12 @@ async def test_exhausted_server_is_healed_by_running_watchdog(
         conn.terminate()
 
 
-async def test_watchdog_started_on_full_server_gets_in_on_pg18(
-    make_cluster, tmp_path: Path
+# 16 is the first major with reserved_connections.
+@pytest.mark.parametrize("major", [m for m in MAJORS if m >= 16] or [18])
+async def test_watchdog_started_on_full_server_gets_in_on_reserved_slots(
+    make_cluster, tmp_path: Path, major: int
 ) -> None:
-    c = make_cluster(18, max_connections=12, settings={"reserved_connections": "2"})
+    c = make_cluster(major, max_connections=12, settings={"reserved_connections": "2"})
     setup_roles(c)
     conns, fatal = await _fill(c)
     assert "remaining connection slots are reserved" in fatal

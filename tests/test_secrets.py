@@ -2,7 +2,7 @@
 
 Every command runs for real, against a reachable server (trust auth accepts any
 password, so the secrets are really sent) and against unreachable targets (a closed
-port, a host name that does not resolve, a port that is not a number), and every byte
+port, a host name that does not resolve, in URIs and key=value DSNs), and every byte
 it writes (stdout, stderr, the service's log, the audit log, the Sentry envelopes) is
 searched for each secret, as written and URL-decoded.
 """
@@ -27,7 +27,9 @@ DSN_SECRET = "Hunter2-Secret"
 FILE_SECRET = "Pw-File-Secret-42"
 ENCODED_SECRET = "Enc%40Secret%2F99"  # the password Enc@Secret/99, URL-encoded in the DSN
 QUERY_SECRET = "Query-Param-Secret"  # ?password=... (libpq and asyncpg accept it)
-SECRETS = (DSN_SECRET, FILE_SECRET, ENCODED_SECRET, "Enc@Secret/99", QUERY_SECRET)
+KEYWORD_SECRET = r"Kw Secret\'s"  # password='...' in a key=value DSN: the password Kw Secret's
+SECRETS = (DSN_SECRET, FILE_SECRET, ENCODED_SECRET, "Enc@Secret/99", QUERY_SECRET,
+           KEYWORD_SECRET, "Kw Secret's")
 
 
 def assert_no_secret(what: str, text: str | bytes) -> None:
@@ -81,6 +83,8 @@ def reachable(cluster: TempCluster, tmp_path: Path, password_file: Path,
         {"name": "encoded", "dsn": f"postgresql://{WATCHDOG_ROLE}:{ENCODED_SECRET}@{where}"},
         {"name": "query-param",
          "dsn": f"postgresql://{WATCHDOG_ROLE}@{where}?password={QUERY_SECRET}"},
+        {"name": "keywords", "dsn": f"host=127.0.0.1 port={cluster.port} dbname=postgres"
+                                    f" user={WATCHDOG_ROLE} password='{KEYWORD_SECRET}'"},
     ], tmp_path / "audit.jsonl", sentry)
 
 
@@ -93,9 +97,8 @@ def unreachable(tmp_path: Path, password_file: Path, sentry: SentryEndpoint) -> 
          "password_file": str(password_file), "interval": "500ms"},
         {"name": "no-such-host",
          "dsn": f"postgresql://{WATCHDOG_ROLE}:{DSN_SECRET}@no-such-host.invalid:5432/postgres"},
-        {"name": "bad-port",
-         "dsn": f"postgresql://{WATCHDOG_ROLE}:{ENCODED_SECRET}@127.0.0.1:notaport/postgres"
-                f"?password={QUERY_SECRET}"},
+        {"name": "keywords",
+         "dsn": f"host=no-such-host.invalid user={WATCHDOG_ROLE} password='{KEYWORD_SECRET}'"},
     ], tmp_path / "audit-unreachable.jsonl", sentry)
 
 
@@ -184,7 +187,7 @@ async def test_no_secret_in_any_output_of_unreachable_targets(
 ) -> None:
     await run_and_check("check", "-c", unreachable, rc=0)
     out = await run_and_check("check", "--connect", "-c", unreachable, rc=1)
-    for name in ("closed-port", "no-such-host", "bad-port"):
+    for name in ("closed-port", "no-such-host", "keywords"):
         assert name in out
     for args in (["once"], ["once", "--json"], ["status"], ["status", "--json"],
                  ["status", "--explain"]):

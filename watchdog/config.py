@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from watchdog import conninfo
 from watchdog.yamlfields import (
     Network,
     boolean,
@@ -193,10 +194,13 @@ def _exclusions(node: YNode, defaults: Exclusions) -> Exclusions:
 
 def _dsn(node: YNode) -> str:
     value = string(node)
-    if value and not value.startswith(("postgresql://", "postgres://")):
-        raise node.error(
-            "must be a URI starting with postgresql:// (e.g. postgresql://watchdog@db1:5432/postgres)"
-        )
+    try:
+        conninfo.validate(value)
+    except conninfo.ConninfoError as exc:
+        # Point at the key inside the value when the value is written as is on one line.
+        inside = node.text_col is not None and exc.offset is not None
+        col = node.text_col + exc.offset if inside else node.col  # type: ignore[operator]
+        raise ConfigError(node.file, node.line, col, node.path, exc.message) from None
     return value
 
 

@@ -31,7 +31,7 @@ from watchdog.demo_incident import APP, DemoError, Incident
 from watchdog.model import APPLICATION_NAME, CLIENT_BACKEND, Snapshot
 from watchdog.service import Service
 from watchdog.snapshot import take_snapshot
-from watchdog.tempcluster import ClusterError
+from watchdog.tempcluster import ClusterError, find_bindir
 from watchdog.units import parse_duration
 
 # Thresholds of the seed policies, scaled from minutes to seconds: (idle, idle in transaction).
@@ -280,8 +280,14 @@ class Demo(Incident):
 
 def run_demo(args: argparse.Namespace) -> int:
     """Entry point of `pg-watchdog demo`: 0 when the incident was reproduced and healed."""
+    major = int(getattr(args, "major", 18))
+    try:
+        find_bindir(major)  # before any narration: a slim install says how to get a server
+    except ClusterError as exc:
+        print(f"pg-watchdog demo: {exc}", file=sys.stderr, flush=True)
+        return 1
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    demo = Demo(int(getattr(args, "major", 18)), bool(getattr(args, "fast", False)))
+    demo = Demo(major, bool(getattr(args, "fast", False)))
     code = 0
     try:
         _catch_signals_sync()

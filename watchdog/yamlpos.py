@@ -36,6 +36,9 @@ class YNode:
     path: str
     # Positions of mapping keys, so an unknown key is reported where it is written.
     key_marks: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Column of a scalar's first character when its characters sit 1:1 on one source line
+    # (no escapes, folding or ${VAR}), so an error can point inside the value; else None.
+    text_col: int | None = None
 
     def error(self, message: str, key: str | None = None) -> ConfigError:
         """A ConfigError at this node (or at one of its keys)."""
@@ -92,7 +95,8 @@ class _Builder:
                 "invalid YAML: recursive alias (this node contains an alias to itself)",
             )
         if isinstance(node, yaml.ScalarNode):
-            return YNode(self.scalar(node, line, col, path), self.file, line, col, path)
+            value = self.scalar(node, line, col, path)
+            return YNode(value, self.file, line, col, path, text_col=_text_col(node, col))
         self.open[id(node)] = path
         try:
             return self.collection(node, path, line, col)
@@ -157,6 +161,18 @@ class _Builder:
                 except (yaml.YAMLError, ValueError, TypeError, OverflowError, LookupError):
                     return expanded
         return expanded
+
+
+def _text_col(node: yaml.ScalarNode, col: int) -> int | None:
+    start, end, text = node.start_mark, node.end_mark, str(node.value)
+    if start.line != end.line or "${" in text:
+        return None
+    width = end.column - start.column
+    if node.style is None and width == len(text):
+        return col
+    if node.style in ("'", '"') and width == len(text) + 2:
+        return col + 1
+    return None
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
