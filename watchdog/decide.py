@@ -17,6 +17,7 @@ from watchdog.model import (
     CLIENT_BACKEND,
     Action,
     Decision,
+    PoolerLink,
     Session,
     Snapshot,
     Verdict,
@@ -86,9 +87,9 @@ _Key = tuple[object, ...]
 _UNSEEN = "?"  # not a possible reason
 
 
-def _key(session: Session) -> _Key:
+def _key(session: Session, link: PoolerLink | None) -> _Key:
     """Everything an exclusion rule or a policy filter looks at: sessions of one application
-    (same role, database, address and last statement) share one answer per sweep."""
+    (same role, database, address, pooler client and last statement) share one answer."""
     return (
         session.rolsuper,
         session.usename,
@@ -96,11 +97,41 @@ def _key(session: Session) -> _Key:
         session.datname,
         session.client_addr,
         session.query,
+        _pooled_key(link),
     )
 
 
-def excluded_by(session: Session, ex: Exclusions) -> str | None:
-    """The exclusion rule that spares ``session``, or None."""
+# -- behind a pooler: the real client's address counts as much as the backend's own ------
+
+
+def _pooled_key(link: PoolerLink | None) -> object:
+    if link is None:
+        return None
+    return (link.pooler, None if link.client is None else link.client.addr)
+
+
+def _addrs_in(session: Session, link: PoolerLink | None, networks: tuple[Network, ...]) -> str:
+    """The first of the real client's and the backend's addresses in ``networks``, or ''."""
+    real = link.client.addr if link is not None and link.client is not None else None
+    for addr in (real, session.client_addr):
+        if _in_networks(addr, networks):
+            return addr or ""
+    return ""
+
+
+def _pooled_exclusion(session: Session, ex: Exclusions, link: PoolerLink | None) -> str | None:
+    if link is None:
+        return None
+    if ex.pooled and link.client is None:
+        # The pool doing its job; PgBouncer's server_idle_timeout retires these.
+        return f"pooled by {link.pooler} (no client)"
+    return None
+
+
+def excluded_by(session: Session, ex: Exclusions, link: PoolerLink | None = None) -> str | None:
+    """The exclusion rule that spares ``session`` (``link``: its pooler, if any), or None."""
+    if (pooled := _pooled_exclusion(session, ex, link)) is not None:
+        return pooled
     if ex.superusers and session.rolsuper is not False:
         # Unknown role (NULL rolsuper) is treated as superuser: never guess in favour of killing.
         return "superuser"
@@ -110,8 +141,8 @@ def excluded_by(session: Session, ex: Exclusions) -> str | None:
         return f"excluded application {session.application_name!r}"
     if _glob_any(session.datname, ex.databases):
         return f"excluded database {session.datname!r}"
-    if _in_networks(session.client_addr, ex.client_addrs):
-        return f"excluded client address {session.client_addr}"
+    if addr := _addrs_in(session, link, ex.client_addrs):
+        return f"excluded client address {addr}"
     if ex.listeners and session.query is not None and _is_listen(session.query):
         return "listener (last statement was LISTEN)"
     return None
@@ -132,16 +163,16 @@ def never_touched(session: Session, snapshot: Snapshot) -> str | None:
     return None
 
 
-def _outside_filters(session: Session, policy: Policy) -> str | None:
+def _outside_filters(session: Session, policy: Policy, link: PoolerLink | None) -> str | None:
     if policy.users and not _glob_any(session.usename, policy.users):
         return "user not in the policy's users"
     if policy.applications and not _glob_any(session.application_name, policy.applications):
         return "application not in the policy's applications"
     if policy.databases and not _glob_any(session.datname, policy.databases):
         return "database not in the policy's databases"
-    if policy.client_addrs and not _in_networks(session.client_addr, policy.client_addrs):
+    if policy.client_addrs and not _addrs_in(session, link, policy.client_addrs):
         return "client address not in the policy's client_addrs"
-    return excluded_by(session, policy.exclude)
+    return excluded_by(session, policy.exclude, link)
 
 
 def decide(
@@ -155,13 +186,15 @@ def decide(
     next_due: float | None = None
     spared: dict[_Key, str | None] = {}
     outside_of: list[dict[_Key, str | None]] = [{} for _ in policies]
+    pooled = snapshot.pooled
     for s in snapshot.sessions:
         reason = never_touched(s, snapshot)
         if reason is None:
-            key = _key(s)
+            link = pooled.get(s.pid) if pooled else None
+            key = _key(s, link)
             reason = spared.get(key, _UNSEEN)
             if reason is _UNSEEN:
-                reason = spared[key] = excluded_by(s, config.exclude)
+                reason = spared[key] = excluded_by(s, config.exclude, link)
         if reason is not None:
             if explain:
                 verdicts.append(Verdict(s, None, reason, acting=False))
@@ -173,7 +206,7 @@ def decide(
                 continue
             outside = known.get(key, _UNSEEN)
             if outside is _UNSEEN:
-                outside = known[key] = _outside_filters(s, p)
+                outside = known[key] = _outside_filters(s, p, link)
             if outside is not None:
                 why_not.append(f"{p.name}: {outside}")
                 continue
@@ -206,6 +239,7 @@ def decide(
                     s,
                     p.measured_from,
                     age,
+                    link,
                 )
             )
             if explain:

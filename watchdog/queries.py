@@ -120,3 +120,10 @@ SELECT current_user AS role, r.rolsuper,
          WHERE u.rolname = 'pg_use_reserved_connections') AS use_reserved
 FROM pg_roles r WHERE r.rolname = current_user
 """
+
+# PgBouncer's admin console (simple query protocol, one command per query). SHOW SOCKETS is
+# SHOW CLIENTS and SHOW SERVERS in one answer: the one read per pooler and sweep.
+PGBOUNCER_SOCKETS = "SHOW SOCKETS"
+PGBOUNCER_CONFIG = "SHOW CONFIG"
+# `check --connect`: what a stats_users role must be allowed to run.
+PGBOUNCER_CHECKS = ("SHOW POOLS", "SHOW SERVERS", "SHOW CLIENTS", "SHOW SOCKETS")
