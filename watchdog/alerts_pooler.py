@@ -56,8 +56,7 @@ class PoolerAlerts:
         for pooler, error in report.poolers.errors.items():
             key = (target, pooler)
             if key in self._down:
-                log.warning("%s", error)
-                continue
+                continue  # reported once; watchdog.pooler_watch logs each attempt
             self._down[key] = error
             self.channel.trouble(
                 "pooler", f"{error}; its backends have no attribution until it answers", target

@@ -47,8 +47,9 @@ def describe_pooler_error(target: str, pooler: PoolerConfig, exc: BaseException)
     elif isinstance(exc, OSError) and exc.strerror:
         reason = exc.strerror
     else:
+        # libpq's messages run over several lines; the first one says what happened.
         lines = str(exc).strip().splitlines()
-        reason = lines[-1].strip() if lines else type(exc).__name__
+        reason = lines[0].strip() if lines else type(exc).__name__
     return scrub(f"{target}: pooler {pooler.name}: {reason}", _dsn_passwords(pooler.dsn))
 
 
