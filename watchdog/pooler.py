@@ -8,10 +8,12 @@ the pools' health is counted too. psycopg is an optional extra: ``pg-watchdog[pg
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from watchdog import queries
@@ -110,40 +112,33 @@ class PoolerLook:
 
 
 def _int(value: Any) -> int | None:
+    if type(value) is int:  # psycopg already converted it (the common case)
+        return value
     try:
         return int(value)
     except (TypeError, ValueError):
         return None
 
 
+_COLUMNS = ("type", "user", "database", "state", "addr", "port", "local_addr", "local_port")
+_COLUMNS += ("connect_time", "wait", "wait_us", "ptr", "link", "remote_pid", "application_name")
+
+
 def _sockets(names: Sequence[str], rows: Iterable[Sequence[Any]]) -> tuple[Socket, ...]:
+    """SHOW SOCKETS rows as Sockets; a column an older PgBouncer lacks reads as None."""
     col = {n: i for i, n in enumerate(names)}
-
-    def get(row: Sequence[Any], name: str) -> Any:
-        i = col.get(name)
-        return None if i is None else row[i]
-
+    width = len(names)
+    # One C-level pick per row: this runs for every client and server of a busy pooler.
+    pick = itemgetter(*(col.get(n, width) for n in _COLUMNS))
     out = []
     for r in rows:
-        wait = (_int(get(r, "wait")) or 0) + (_int(get(r, "wait_us")) or 0) / 1e6
-        out.append(
-            Socket(
-                type=str(get(r, "type") or ""),
-                user=get(r, "user"),
-                database=get(r, "database"),
-                state=str(get(r, "state") or ""),
-                addr=get(r, "addr"),
-                port=_int(get(r, "port")),
-                local_addr=get(r, "local_addr"),
-                local_port=_int(get(r, "local_port")),
-                connect_time=get(r, "connect_time"),
-                wait_s=wait,
-                ptr=str(get(r, "ptr") or ""),
-                link=str(get(r, "link") or ""),
-                remote_pid=_int(get(r, "remote_pid")) or 0,
-                application_name=get(r, "application_name"),
-            )
-        )
+        (kind, user, db, state, addr, port, laddr, lport, ctime, wait, wait_us, ptr, link,
+         pid, app) = pick((*r, None))
+        out.append(Socket(
+            str(kind or ""), user, db, str(state or ""), addr, _int(port), laddr, _int(lport),
+            ctime, (_int(wait) or 0) + (_int(wait_us) or 0) / 1e6, str(ptr or ""),
+            str(link or ""), _int(pid) or 0, app,
+        ))
     return tuple(out)
 
 
@@ -180,6 +175,7 @@ async def read_pooler(conn: Any, name: str, limit: int | None) -> PoolerLook:
     return PoolerLook(name, _sockets(names, rows), limit)
 
 
+@functools.lru_cache(maxsize=4096)  # connect times repeat (whole seconds) across sockets
 def _iso(text: str | None) -> str | None:
     """PgBouncer's ``2026-12-01 22:51:09 UTC`` as ISO 8601 (other zones kept as sent)."""
     if text is None or not text.endswith(" UTC"):

@@ -60,7 +60,11 @@ class TempPooler:
         pidfile = self.basedir / "pgbouncer.pid"
         with contextlib.suppress(OSError):
             pidfile.unlink()
-        res = _run([str(PGBOUNCER), "-d", str(self.ini)], self.os_user, cwd=self.basedir)
+        # runuser's PAM session resets the soft open-files limit to 1024: a pool of a
+        # thousand servers needs more, so take the hard limit.
+        script = 'ulimit -S -n "$(ulimit -H -n)"; exec "$0" "$@"'
+        res = _run(["sh", "-c", script, str(PGBOUNCER), "-d", str(self.ini)], self.os_user,
+                   cwd=self.basedir)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError, ValueError):
