@@ -120,7 +120,8 @@ def _int(value: Any) -> int | None:
         return None
 
 
-_COLUMNS = ("type", "user", "database", "state", "addr", "port", "local_addr", "local_port")
+_COLUMNS: tuple[str, ...] = ("type", "user", "database", "state", "addr", "port", "local_addr")
+_COLUMNS += ("local_port",)
 _COLUMNS += ("connect_time", "wait", "wait_us", "ptr", "link", "remote_pid", "application_name")
 
 
