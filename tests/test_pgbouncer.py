@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import sentry_sdk
 import yaml
 from daemon import Daemon
 from helpers import connect, free_port, wait_for
@@ -25,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from scenario import APP_ROLE, kill_leftovers, policy_file, read_audit, setup_roles
 from sentry_endpoint import SentryEndpoint
 
+from watchdog.alerts import Alerts
 from watchdog.audit import AuditLog
 from watchdog.config import Config, load_config
 from watchdog.connect import connect as connect_target
@@ -390,6 +392,60 @@ async def test_stopped_pooler_alerts_once_and_attribution_returns(
     [rec] = [r for r in read_audit(audit) if r.get("pooler") == "pgb1"]
     assert rec["pooler_client"]["addr"] == REAL_CLIENT
     assert rec["pooler_client"]["port"] == client.port
+    [acted] = events(sentry, "acted")
+    assert acted["contexts"]["pg_watchdog"]["top_clients"] == {REAL_CLIENT: 1}
+
+
+async def test_clients_near_max_client_conn_raise_one_error_event_per_crossing(
+    roles: TempCluster, make_pooler: MakePooler, tmp_path: Path
+) -> None:
+    pg = roles
+    pooler = make_pooler(settings={"max_client_conn": "10"})
+    clients: list[WireClient] = []
+    with SentryEndpoint() as sentry:
+        path = write_policies(tmp_path, pg, pooler, extra={
+            "alerts": {"sentry": {"dsn": sentry.dsn, "environment": "test"},
+                       "connections_above": "75%"}})
+        alerts = Alerts(load_config(str(path)))
+        try:
+            async with watching(path) as watch:
+
+                def crossings() -> list[dict[str, Any]]:
+                    sentry_sdk.flush(timeout=5)
+                    return events(sentry, "pooler-clients")
+
+                for _ in range(6):  # 7 of 10 with the watchdog's own console connection
+                    clients.append(await WireClient.connect(pooler.port, APP_ROLE, "postgres"))
+                alerts.swept(await watch.sweep())
+                assert crossings() == []
+                clients.append(await WireClient.connect(pooler.port, APP_ROLE, "postgres"))
+                report = await watch.sweep()
+                assert report.poolers.looks[0].clients_used == 8
+                alerts.swept(report)
+                alerts.swept(await watch.sweep())  # still above: nothing new
+                [event] = crossings()
+                for c in clients[:3]:
+                    c.close()
+
+                async def below() -> bool:
+                    report = await watch.sweep()
+                    alerts.swept(report)
+                    return report.poolers.looks[0].clients_used < 7
+
+                await wait_for(below, 10, interval=0.1, what="clients to leave")
+                for _ in range(3):
+                    clients.append(await WireClient.connect(pooler.port, APP_ROLE, "postgres"))
+                alerts.swept(await watch.sweep())  # crosses again: re-armed
+                assert len(crossings()) == 2
+        finally:
+            for c in clients:
+                c.close()
+            alerts.close()
+            sentry_sdk.get_client().close()
+            sentry_sdk.get_global_scope().set_client(None)
+    assert event["level"] == "error"
+    assert event["message"] == "main: pooler pgb1 at 80% of max_client_conn (8/10 clients)"
+    assert event["tags"] == {"target": "main", "pooler": "pgb1"}
 
 
 # -- the tools around it ------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -100,6 +102,26 @@ def test_invalid_poolers_are_rejected_with_their_position(
         load(tmp_path, text)
     assert where in str(info.value), str(info.value)
     assert message in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("command", [["check"], ["once"], ["status"], ["run"]])
+def test_without_psycopg_the_commands_say_how_to_get_it(tmp_path: Path, command: list[str]) -> None:
+    path = tmp_path / "policies.yaml"
+    path.write_text(HEAD + """\
+    poolers: [{name: pgb1, dsn: postgresql://w@h:6432/pgbouncer}]
+""" + POLICIES + f"audit: {{path: {tmp_path / 'audit.jsonl'}}}\n")
+    # A None entry in sys.modules makes `import psycopg` fail as if it were not installed.
+    code = (
+        "import sys; sys.modules['psycopg'] = None; from watchdog.cli import main;"
+        f" sys.exit(main({[*command, '-c', str(path)]!r}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 2, proc
+    assert proc.stderr == (
+        "pg-watchdog: targets name PgBouncer poolers, but psycopg is not installed:"
+        " pip install 'pg-watchdog[pgbouncer]' (psycopg 3)\n"
+    )
 
 
 def test_psycopg_missing_says_only_when_poolers_are_named(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ the pools' health is counted too. psycopg is an optional extra: ``pg-watchdog[pg
 from __future__ import annotations
 
 import functools
-import importlib.util
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,9 +28,11 @@ def psycopg_missing(config: Config) -> str | None:
     """One line saying how to get psycopg when a target names poolers and it is missing."""
     if not any(t.poolers for t in config.targets):
         return None
-    if importlib.util.find_spec("psycopg") is not None:
-        return None
-    return f"targets name PgBouncer poolers, but psycopg is not installed: {INSTALL_HINT}"
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return f"targets name PgBouncer poolers, but psycopg is not installed: {INSTALL_HINT}"
+    return None
 
 
 class Socket(NamedTuple):
