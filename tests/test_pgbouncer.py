@@ -269,6 +269,37 @@ async def test_excluded_real_client_address_is_spared_behind_pgbouncer(
         other.close()
 
 
+async def test_hung_pooler_fails_its_read_not_the_sweep(
+    roles: TempCluster, make_pooler: MakePooler, tmp_path: Path
+) -> None:
+    pg = roles
+    pooler = make_pooler(pool_mode="session")
+    path = write_policies(tmp_path, pg, pooler, idle="1h")
+    client = await WireClient.connect(pooler.port, APP_ROLE, "postgres", source=REAL_CLIENT)
+    try:
+        await client.query("SELECT 1")
+        pid = await backend_where(pg, "the session's server", state="idle")
+        async with watching(path) as watch:
+            assert (await watch.sweep()).snapshot.pooled[pid].pooler == "pgb1"
+            pooler.pause()  # SIGSTOP: its sockets stay open, nothing answers
+            try:
+                report = await watch.sweep()
+                assert report.poolers.errors == {"pgb1": "main: pooler pgb1: timed out"}
+                assert report.snapshot.pooled == {}  # no attribution while it hangs
+                report = await watch.sweep()  # backing off: no new wait
+                assert report.poolers.errors["pgb1"].endswith("(retrying)")
+                assert not watch.conn.is_closed()
+            finally:
+                pooler.resume()
+
+            async def back() -> bool:
+                return pid in (await watch.sweep()).snapshot.pooled
+
+            await wait_for(back, 60, interval=0.2, what="attribution after the pooler resumed")
+    finally:
+        client.close()
+
+
 # -- the running service: queueing alerts, metrics, a pooler that goes away ------------------
 
 

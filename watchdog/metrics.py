@@ -179,8 +179,8 @@ class Metrics:
                 g.remove(target, pooler, db, user)
         self._pools[(target, pooler)] = keep
 
-    def _forget_poolers(self, target: str) -> None:
-        for t, pooler in [k for k in self._pools if k[0] == target]:
+    def _forget_poolers(self, target: str, keep: set[str] | None = None) -> None:
+        for t, pooler in [k for k in self._pools if k[0] == target and k[1] not in (keep or ())]:
             self._drop_pools(t, pooler, set())
             del self._pools[(t, pooler)]
             for g in (self.pooler_clients, self.pooler_max_clients, self.pooler_up):
@@ -191,8 +191,10 @@ class Metrics:
         """Each pooler's pools, clients and limit as its read this sweep showed them."""
         if not self.enabled:
             return
-        target = report.target
-        for look in report.poolers.looks:
+        target, looks = report.target, report.poolers.looks
+        # A pooler a reload removed from the target: its series go.
+        self._forget_poolers(target, keep={*report.poolers.errors, *(x.name for x in looks)})
+        for look in looks:
             self.pooler_up.labels(target, look.name).set(1)
             self.pooler_clients.labels(target, look.name).set(look.clients_used)
             if look.max_client_conn is not None:

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
+# All of one pooler's work in a sweep (connect, SHOW CONFIG, SHOW SOCKETS): well inside the
+# shortest sweep timeout (5 s), so a hung pooler can never time the target's sweep out.
+BUDGET = 3.0
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ class PoolerWatch:
 
     async def _one(self, h: _Held) -> PoolerLook | str:
         try:
-            return await self._look(h)
+            return await asyncio.wait_for(self._look(h), BUDGET)
         except _Waiting as exc:
             return f"{exc} (retrying)"
         except Exception as exc:  # psycopg, OSError, timeouts: all mean "no attribution now"

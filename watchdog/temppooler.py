@@ -76,8 +76,18 @@ class TempPooler:
         raise ClusterError(f"PgBouncer failed to start on port {self.port}: {self.log_tail()}"
                            f" [{_one_line(res.stderr, 1)}]")
 
+    def pause(self) -> None:
+        """SIGSTOP: a hung PgBouncer that keeps its sockets open."""
+        if self._pid is not None:
+            os.kill(self._pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._pid is not None:
+            os.kill(self._pid, signal.SIGCONT)
+
     def stop(self) -> None:
         """SIGINT (immediate shutdown) and wait for the process to exit."""
+        self.resume()
         pid, self._pid = self._pid, None
         if pid is None:
             return
