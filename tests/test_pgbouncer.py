@@ -532,7 +532,10 @@ async def test_status_explain_shows_the_real_client_and_the_pools(
         assert app_pool["sv_active"] == 1 and app_pool["sv_idle"] == 1
         text = await run_cli("status", "--explain", "-c", path)
         assert f"{REAL_CLIENT}:{iit.port} via pgb1" in text.stdout
-        assert "pools        pgb1:" in text.stdout
+        assert "pools        pgb1: 3 clients of max_client_conn 200" in text.stdout, text.stdout
+        assert "clients 2 active, 0 waiting" in text.stdout, text.stdout
+        once = await run_cli("once", "--dry-run", "-c", path)
+        assert once.rc == 0, once
     finally:
         iit.close()
         idle.close()

@@ -107,7 +107,7 @@ def _key(session: Session, link: PoolerLink | None) -> _Key:
 def _pooled_key(link: PoolerLink | None) -> object:
     if link is None:
         return None
-    return (link.pooler, None if link.client is None else link.client.addr)
+    return (link.pooler, link.client is None, None if link.client is None else link.client.addr)
 
 
 def _addrs_in(session: Session, link: PoolerLink | None, networks: tuple[Network, ...]) -> str:
@@ -119,10 +119,8 @@ def _addrs_in(session: Session, link: PoolerLink | None, networks: tuple[Network
     return ""
 
 
-def _pooled_exclusion(session: Session, ex: Exclusions, link: PoolerLink | None) -> str | None:
-    if link is None:
-        return None
-    if ex.pooled and link.client is None:
+def _pooled_exclusion(ex: Exclusions, link: PoolerLink | None) -> str | None:
+    if ex.pooled and link is not None and link.client is None:
         # The pool doing its job; PgBouncer's server_idle_timeout retires these.
         return f"pooled by {link.pooler} (no client)"
     return None
@@ -130,7 +128,7 @@ def _pooled_exclusion(session: Session, ex: Exclusions, link: PoolerLink | None)
 
 def excluded_by(session: Session, ex: Exclusions, link: PoolerLink | None = None) -> str | None:
     """The exclusion rule that spares ``session`` (``link``: its pooler, if any), or None."""
-    if (pooled := _pooled_exclusion(session, ex, link)) is not None:
+    if (pooled := _pooled_exclusion(ex, link)) is not None:
         return pooled
     if ex.superusers and session.rolsuper is not False:
         # Unknown role (NULL rolsuper) is treated as superuser: never guess in favour of killing.

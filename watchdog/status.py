@@ -217,7 +217,7 @@ def _pool_lines(pools: list[Report]) -> list[str]:
         if "error" in p:
             lines.append(head + f"not read ({_safe(p['error'], 200)})")
             continue
-        lines.append(head + f"{p['clients']} of max_client_conn {p['max_client_conn']} clients")
+        lines.append(head + f"{p['clients']} clients of max_client_conn {p['max_client_conn']}")
         lines += [
             f"    {_safe(x['database'], 32)}/{_safe(x['user'], 32)}: clients {x['cl_active']}"
             f" active, {x['cl_waiting']} waiting (oldest {format_duration(x['maxwait_s'])});"
