@@ -363,14 +363,16 @@ def test_global_exclude_defaults_when_keys_omitted(tmp_path: Path) -> None:
         tmp_path,
         with_policy("    state: idle\n    longer_than: 10m\n") + "exclude:\n  users: [bob]\n",
     )
-    assert cfg.exclude == Exclusions(superusers=True, users=("bob",), listeners=True)
+    assert cfg.exclude == Exclusions(
+        superusers=True, users=("bob",), listeners=True, pooled=True
+    )
 
 
 def test_global_exclude_can_be_switched_off(tmp_path: Path) -> None:
     cfg = load(
         tmp_path,
         with_policy("    state: idle\n    longer_than: 10m\n")
-        + "exclude:\n  superusers: false\n  listeners: false\n",
+        + "exclude:\n  superusers: false\n  listeners: false\n  pooled: false\n",
     )
     assert cfg.exclude == Exclusions()
 

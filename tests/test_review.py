@@ -244,6 +244,7 @@ def expected_summary(selected: list[Record]) -> dict[str, Any]:
         "by_user": Counter(r["usename"] for r in selected),
         "by_application": Counter(r["application_name"] for r in selected),
         "by_outcome": Counter(r["outcome"] for r in selected),
+        "by_client": Counter(r["client_addr"] or "" for r in selected),
     }
 
 

@@ -12,9 +12,11 @@ import logging
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from watchdog.alerts_pooler import PoolerAlerts
 from watchdog.alerts_sentry import SentryChannel
 from watchdog.config import Config
 from watchdog.connect import scrub
+from watchdog.pooler import real_addr
 
 if TYPE_CHECKING:
     from watchdog.model import Outcome
@@ -49,6 +51,7 @@ class Alerts(SentryChannel):
     def __init__(self, config: Config) -> None:
         self._above: set[str] = set()  # targets over alerts.connections_above, until they drop
         self._denied: set[str] = set()  # targets whose permission trouble was reported
+        self.poolers = PoolerAlerts(self)
         super().__init__(config)
 
     def configure(self, config: Config) -> None:
@@ -57,6 +60,7 @@ class Alerts(SentryChannel):
         names = {t.name for t in config.targets}
         self._above &= names
         self._denied &= names
+        self.poolers.configure(config)
 
     # -- events ------------------------------------------------------------------
 
@@ -64,6 +68,7 @@ class Alerts(SentryChannel):
         """Events for a sweep that acted (one per policy), and saturation crossings."""
         try:
             self._saturation(report)
+            self.poolers.swept(report)
             if report.leader and report.outcomes:
                 by_policy: dict[str, list[Outcome]] = {}
                 for o in report.outcomes:
@@ -100,6 +105,10 @@ class Alerts(SentryChannel):
             "outcomes": dict(counts),
             "top_users": _top([s.usename for s in sessions]),
             "top_applications": _top([s.application_name for s in sessions]),
+            # Behind a pooler, the application's own address rather than the pooler's.
+            "top_clients": _top(
+                [real_addr(o.action.session, o.action.link) for o in (acted or outcomes)]
+            ),
             "oldest_age_s": round(max(o.action.age_s for o in outcomes), 1),
             "connections": f"{report.snapshot.used}/{report.snapshot.capacity}",
         }
@@ -185,6 +194,7 @@ class Alerts(SentryChannel):
                     "by_state": _top([s.state for s in clients]),
                     "top_users": _top([s.usename for s in clients]),
                     "top_applications": _top([s.application_name for s in clients]),
+                    "top_clients": _top([real_addr(s, snap.pooled.get(s.pid)) for s in clients]),
                 }
             },
         )

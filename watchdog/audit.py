@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterable
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,8 @@ def make_record(
         "watchdog_host": socket.gethostname(),
         "watchdog_pid": os.getpid(),
         "sweep": sweep,
+        "pooler": a.link.pooler if a.link else None,
+        "pooler_client": asdict(a.link.client) if a.link and a.link.client else None,
     }
 
 

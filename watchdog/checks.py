@@ -19,6 +19,7 @@ from watchdog.config import Config, Target
 from watchdog.connect import STATEMENT_TIMEOUT, TargetError, connect, describe_error, server_address
 from watchdog.managed import RoleFacts, killable, members_now, read_roles
 from watchdog.model import Snapshot
+from watchdog.pooler_check import check_poolers
 from watchdog.review_render import fit
 from watchdog.snapshot import take_snapshot
 
@@ -201,6 +202,12 @@ def judge(row: Any, server: str, snapshot: Snapshot, config: Config, target: str
 
 
 async def check_target(config: Config, target: Target) -> list[Check]:
+    """The target's checks, then one per pooler in front of it."""
+    checks, poolers = await asyncio.gather(_check_server(config, target), check_poolers(target))
+    return checks + [Check(OK if ok else FAIL, text) for ok, text in poolers]
+
+
+async def _check_server(config: Config, target: Target) -> list[Check]:
     """Connect to ``target`` and check it; an unreachable target is a single FAIL."""
     try:
         conn = await connect(target)

@@ -42,7 +42,13 @@ def setup_logging(level: int) -> None:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    return load_config(config_path(args.config))
+    config = load_config(config_path(args.config))
+    from watchdog.pooler import psycopg_missing
+
+    if (missing := psycopg_missing(config)) is not None:
+        # Without it no pooled backend is recognised, and the pool's idle ones look leaked.
+        raise UserError(missing, EXIT_CONFIG)
+    return config
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

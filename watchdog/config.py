@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from watchdog import conninfo
 from watchdog.yamlfields import (
@@ -47,11 +48,20 @@ MIN_INTERVAL = 0.25
 
 
 @dataclass(frozen=True)
+class PoolerConfig:
+    """A PgBouncer in front of a target, read through its admin console."""
+
+    name: str
+    dsn: str
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     dsn: str
     password_file: Path | None
     interval: float
+    poolers: tuple[PoolerConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,7 @@ class Exclusions:
     client_addrs: tuple[Network, ...] = ()
     listeners: bool = False
     member_of: tuple[str, ...] = ()
+    pooled: bool = False  # server connections a pooler holds with no client linked
 
 
 @dataclass(frozen=True)
@@ -107,6 +118,7 @@ class SentryConfig:
 class AlertsConfig:
     sentry: SentryConfig = SentryConfig()
     connections_above: float | None = 0.8
+    pooler_wait_above: float = 1.0  # seconds a PgBouncer client may queue before an alert
 
 
 @dataclass(frozen=True)
@@ -120,7 +132,7 @@ class Config:
     source: str
     targets: tuple[Target, ...]
     policies: tuple[Policy, ...]
-    exclude: Exclusions = Exclusions(superusers=True, listeners=True)
+    exclude: Exclusions = Exclusions(superusers=True, listeners=True, pooled=True)
     dry_run: bool = False
     limits: Limits = Limits()
     audit: AuditConfig = AuditConfig()
@@ -157,7 +169,8 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
 # -- sections ----------------------------------------------------------------
 
 _EXCLUDE_KEYS = (
-    "superusers", "users", "applications", "databases", "client_addrs", "listeners", "member_of"
+    "superusers", "users", "applications", "databases", "client_addrs", "listeners", "member_of",
+    "pooled",
 )
 _FILTER_KEYS = ("users", "applications", "databases", "client_addrs", "member_of")
 _NAMEDATALEN = 64
@@ -189,6 +202,7 @@ def _exclusions(node: YNode, defaults: Exclusions) -> Exclusions:
         client_addrs=opt(f, "client_addrs", cidr_list, ()),
         listeners=opt(f, "listeners", boolean, defaults.listeners),
         member_of=opt(f, "member_of", _role_list, ()),
+        pooled=opt(f, "pooled", boolean, defaults.pooled),
     )
 
 
@@ -221,13 +235,42 @@ def _path(node: YNode) -> Path:
     return Path(value).expanduser()
 
 
+def _pooler_dsn(node: YNode) -> str:
+    value = _dsn(node)
+    if not value:
+        raise node.error("must not be empty (e.g. postgresql://watchdog@10.0.0.5:6432/pgbouncer)")
+    try:
+        database = urlsplit(value).path.lstrip("/")
+    except ValueError as exc:
+        raise node.error(f"is not a valid URI: {exc}") from None
+    if database != "pgbouncer":
+        # The admin console is the only database where SHOW SOCKETS works.
+        raise node.error(
+            f"must name PgBouncer's admin database pgbouncer, not {database or 'none'!r}"
+            " (e.g. postgresql://watchdog@10.0.0.5:6432/pgbouncer)"
+        )
+    return value
+
+
+def _pooler(node: YNode) -> PoolerConfig:
+    f = mapping(node, ("name", "dsn"), ("name", "dsn"))
+    return PoolerConfig(name=ident(f["name"]), dsn=_pooler_dsn(f["dsn"]))
+
+
+def _poolers(node: YNode) -> tuple[PoolerConfig, ...]:
+    poolers = list_of(node, _pooler, allow_scalar=False)
+    _unique(poolers, node.value, lambda p: p.name, "pooler")
+    return poolers
+
+
 def _target(node: YNode) -> Target:
-    f = mapping(node, ("name", "dsn", "password_file", "interval"), ("name",))
+    f = mapping(node, ("name", "dsn", "password_file", "interval", "poolers"), ("name",))
     return Target(
         name=ident(f["name"]),
         dsn=opt(f, "dsn", _dsn, ""),
         password_file=opt(f, "password_file", _path, None),
         interval=opt(f, "interval", _interval, 30.0),
+        poolers=opt(f, "poolers", _poolers, ()),
     )
 
 
@@ -360,10 +403,11 @@ def _sentry(node: YNode) -> SentryConfig:
 
 
 def _alerts(node: YNode) -> AlertsConfig:
-    f = mapping(node, ("sentry", "connections_above"))
+    f = mapping(node, ("sentry", "connections_above", "pooler_wait_above"))
     return AlertsConfig(
         sentry=opt(f, "sentry", _sentry, SentryConfig()),
         connections_above=opt(f, "connections_above", percent, 0.8),
+        pooler_wait_above=opt(f, "pooler_wait_above", duration, 1.0),
     )
 
 

@@ -76,6 +76,7 @@ def read_password(target: Target) -> str | None:
 def secrets_of(target: Target) -> list[str]:
     """Every secret string of a target, to scrub from any text shown to anyone."""
     found: list[str | None] = [*_dsn_passwords(target.dsn)]
+    found += [pw for pooler in target.poolers for pw in _dsn_passwords(pooler.dsn)]
     with contextlib.suppress(TargetError):
         found.append(read_password(target))
     return [s for s in found if s]

@@ -19,6 +19,7 @@ from watchdog.model import (
     Action,
     Blocking,
     Decision,
+    PoolerLink,
     Session,
     Snapshot,
     Verdict,
@@ -93,9 +94,9 @@ def _member_of(session: Session, roles: tuple[str, ...]) -> str | None:
     return next((r for r in roles if r in session.member_of), None)
 
 
-def _key(session: Session) -> _Key:
+def _key(session: Session, link: PoolerLink | None) -> _Key:
     """Everything an exclusion rule or a policy filter looks at: sessions of one application
-    (same role, database, address and last statement) share one answer per sweep."""
+    (same role, database, address, pooler client and last statement) share one answer."""
     return (
         session.rolsuper,
         session.usename,
@@ -104,11 +105,39 @@ def _key(session: Session) -> _Key:
         session.client_addr,
         session.query,
         session.member_of,
+        _pooled_key(link),
     )
 
 
-def excluded_by(session: Session, ex: Exclusions) -> str | None:
-    """The exclusion rule that spares ``session``, or None."""
+# -- behind a pooler: the real client's address counts as much as the backend's own ------
+
+
+def _pooled_key(link: PoolerLink | None) -> object:
+    if link is None:
+        return None
+    return (link.pooler, link.client is None, None if link.client is None else link.client.addr)
+
+
+def _addrs_in(session: Session, link: PoolerLink | None, networks: tuple[Network, ...]) -> str:
+    """The first of the real client's and the backend's addresses in ``networks``, or ''."""
+    real = link.client.addr if link is not None and link.client is not None else None
+    for addr in (real, session.client_addr):
+        if _in_networks(addr, networks):
+            return addr or ""
+    return ""
+
+
+def _pooled_exclusion(ex: Exclusions, link: PoolerLink | None) -> str | None:
+    if ex.pooled and link is not None and link.client is None:
+        # The pool doing its job; PgBouncer's server_idle_timeout retires these.
+        return f"pooled by {link.pooler} (no client)"
+    return None
+
+
+def excluded_by(session: Session, ex: Exclusions, link: PoolerLink | None = None) -> str | None:
+    """The exclusion rule that spares ``session`` (``link``: its pooler, if any), or None."""
+    if (pooled := _pooled_exclusion(ex, link)) is not None:
+        return pooled
     if ex.superusers and session.rolsuper is not False:
         # Unknown role (NULL rolsuper) is treated as superuser: never guess in favour of killing.
         return "superuser"
@@ -120,8 +149,8 @@ def excluded_by(session: Session, ex: Exclusions) -> str | None:
         return f"excluded application {session.application_name!r}"
     if _glob_any(session.datname, ex.databases):
         return f"excluded database {session.datname!r}"
-    if _in_networks(session.client_addr, ex.client_addrs):
-        return f"excluded client address {session.client_addr}"
+    if addr := _addrs_in(session, link, ex.client_addrs):
+        return f"excluded client address {addr}"
     if ex.listeners and session.query is not None and _is_listen(session.query):
         return "listener (last statement was LISTEN)"
     return None
@@ -142,18 +171,18 @@ def never_touched(session: Session, snapshot: Snapshot) -> str | None:
     return None
 
 
-def _outside_filters(session: Session, policy: Policy) -> str | None:
+def _outside_filters(session: Session, policy: Policy, link: PoolerLink | None) -> str | None:
     if policy.users and not _glob_any(session.usename, policy.users):
         return "user not in the policy's users"
     if policy.applications and not _glob_any(session.application_name, policy.applications):
         return "application not in the policy's applications"
     if policy.databases and not _glob_any(session.datname, policy.databases):
         return "database not in the policy's databases"
-    if policy.client_addrs and not _in_networks(session.client_addr, policy.client_addrs):
+    if policy.client_addrs and not _addrs_in(session, link, policy.client_addrs):
         return "client address not in the policy's client_addrs"
     if policy.member_of and _member_of(session, policy.member_of) is None:
         return "role not a member of the policy's member_of"
-    return excluded_by(session, policy.exclude)
+    return excluded_by(session, policy.exclude, link)
 
 
 def _not_harmful(policy: Policy, blocking: Blocking | None) -> tuple[str, float] | None:
@@ -178,13 +207,15 @@ def decide(
     next_due: float | None = None
     spared: dict[_Key, str | None] = {}
     outside_of: list[dict[_Key, str | None]] = [{} for _ in policies]
+    pooled = snapshot.pooled
     for s in snapshot.sessions:
         reason = never_touched(s, snapshot)
         if reason is None:
-            key = _key(s)
+            link = pooled.get(s.pid) if pooled else None
+            key = _key(s, link)
             reason = spared.get(key, _UNSEEN)
             if reason is _UNSEEN:
-                reason = spared[key] = excluded_by(s, config.exclude)
+                reason = spared[key] = excluded_by(s, config.exclude, link)
         if reason is not None:
             if explain:
                 verdicts.append(Verdict(s, None, reason, acting=False))
@@ -196,7 +227,7 @@ def decide(
                 continue
             outside = known.get(key, _UNSEEN)
             if outside is _UNSEEN:
-                outside = known[key] = _outside_filters(s, p)
+                outside = known[key] = _outside_filters(s, p, link)
             if outside is not None:
                 why_not.append(f"{p.name}: {outside}")
                 continue
@@ -239,6 +270,7 @@ def decide(
                     p.measured_from,
                     age,
                     snapshot.blocking.get(s.pid),
+                    link,
                 )
             )
             if explain:

@@ -7,6 +7,7 @@ one, so nothing else in the process leaks into the scrape. Without a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import Counter as Tally
@@ -78,6 +79,7 @@ class Metrics:
             ["target"],
             registry=r,
         )
+        self._pooler_gauges(r)
 
     def start(self) -> None:
         """Start serving on the configured address; a failure to bind is logged, not fatal."""
@@ -115,6 +117,7 @@ class Metrics:
             self.connections.remove(target, state)
         for policy, outcome in self._acted.pop(target, set()):
             self.actions.remove(target, policy, outcome)
+        self._forget_poolers(target)
 
     def swept(self, report: SweepReport) -> None:
         """Count one sweep's actions and record the target's connections."""
@@ -136,6 +139,75 @@ class Metrics:
             self.connections.labels(target, state).set(counts.get(state, 0))
         self.max_connections.labels(target).set(snap.max_connections)
         self.slots.labels(target).set(snap.capacity)
+
+    # -- PgBouncer pools (targets with poolers) -------------------------------------------
+
+    def _pooler_gauges(self, r: CollectorRegistry) -> None:
+        pool = ["target", "pooler", "database", "user"]
+        self._pools: dict[tuple[str, str], set[tuple[str, str]]] = {}  # -> (database, user)
+        self.pool_gauges = {
+            field: Gauge(f"pg_watchdog_pooler_{name}", text, pool, registry=r)
+            for field, name, text in (
+                ("cl_waiting", "clients_waiting", "Clients queued for a server connection."),
+                ("cl_active", "clients_active", "Clients linked to a server or idle."),
+                ("sv_active", "servers_active", "Server connections linked to a client."),
+                ("sv_idle", "servers_idle", "Server connections idle in the pool."),
+                ("maxwait_s", "maxwait_seconds", "How long the oldest queued client has waited."),
+            )
+        }
+        pooler = ["target", "pooler"]
+        self.pooler_clients = Gauge(
+            "pg_watchdog_pooler_clients", "Client connections to the pooler.", pooler, registry=r
+        )
+        self.pooler_max_clients = Gauge(
+            "pg_watchdog_pooler_max_client_conn",
+            "The pooler's max_client_conn.",
+            pooler,
+            registry=r,
+        )
+        self.pooler_up = Gauge(
+            "pg_watchdog_pooler_up",
+            "1 while the pooler's admin console answered the last sweep.",
+            pooler,
+            registry=r,
+        )
+
+    def _drop_pools(self, target: str, pooler: str, keep: set[tuple[str, str]]) -> None:
+        for db, user in self._pools.get((target, pooler), set()) - keep:
+            for g in self.pool_gauges.values():
+                g.remove(target, pooler, db, user)
+        self._pools[(target, pooler)] = keep
+
+    def _forget_poolers(self, target: str, keep: set[str] | None = None) -> None:
+        for t, pooler in [k for k in self._pools if k[0] == target and k[1] not in (keep or ())]:
+            self._drop_pools(t, pooler, set())
+            del self._pools[(t, pooler)]
+            for g in (self.pooler_clients, self.pooler_max_clients, self.pooler_up):
+                with contextlib.suppress(KeyError):
+                    g.remove(t, pooler)
+
+    def pooled(self, report: SweepReport) -> None:
+        """Each pooler's pools, clients and limit as its read this sweep showed them."""
+        if not self.enabled:
+            return
+        target, looks = report.target, report.poolers.looks
+        # A pooler a reload removed from the target: its series go.
+        self._forget_poolers(target, keep={*report.poolers.errors, *(x.name for x in looks)})
+        for look in looks:
+            self.pooler_up.labels(target, look.name).set(1)
+            self.pooler_clients.labels(target, look.name).set(look.clients_used)
+            if look.max_client_conn is not None:
+                self.pooler_max_clients.labels(target, look.name).set(look.max_client_conn)
+            seen: set[tuple[str, str]] = set()
+            for p in look.pools():
+                seen.add((p.database, p.user))
+                for field, g in self.pool_gauges.items():
+                    g.labels(target, look.name, p.database, p.user).set(getattr(p, field))
+            self._drop_pools(target, look.name, seen)
+        for pooler in report.poolers.errors:
+            # Stale pool figures would mislead: only pooler_up says anything while it is down.
+            self.pooler_up.labels(target, pooler).set(0)
+            self._drop_pools(target, pooler, set())
 
     def target_up(self, target: str, up: bool, leader: bool) -> None:
         """Whether a target is reachable, and whether this instance acts on it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -50,6 +51,29 @@ class Blocking(NamedTuple):
     longest_wait_s: float
 
 
+# -- behind a pooler ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PoolerClient:
+    """The PgBouncer client linked to a backend: the real application behind it."""
+
+    addr: str | None
+    port: int | None
+    user: str | None
+    database: str | None
+    application_name: str | None
+    connect_time: str | None  # ISO 8601 UTC when PgBouncer's text could be read, else as sent
+
+
+@dataclass(frozen=True)
+class PoolerLink:
+    """A backend that a PgBouncer holds as a server connection; ``client`` None when unlinked."""
+
+    pooler: str
+    client: PoolerClient | None = None
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """A consistent look at one server: its sessions, its limits and its clock."""
@@ -62,6 +86,8 @@ class Snapshot:
     reserved: int
     sessions: tuple[Session, ...] = field(default=())
     in_recovery: bool = False  # a hot standby
+    # Backends (by pid) held by a pooler of the target, as its last read showed them.
+    pooled: Mapping[int, PoolerLink] = field(default_factory=dict)
 
     @property
     def capacity(self) -> int:
@@ -108,6 +134,7 @@ class Action:
     measured_from: str
     age_s: float
     blocking: Blocking | None = None  # None: nobody waits on it
+    link: PoolerLink | None = None  # the pooler and real client behind the session, if known
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from watchdog.alerts import Alerts
 from watchdog.audit import AuditError, AuditLog
 from watchdog.config import Config, Target
 from watchdog.connect import TargetError, connect, describe_error, server_address
+from watchdog.pooler_watch import PoolerWatch
 from watchdog.review_render import write_table
 from watchdog.sweep import SweepReport, sweep_target
 from watchdog.units import format_duration
@@ -21,14 +22,19 @@ FLUSH_AT_EXIT = 10.0
 
 async def _one(config: Config, target: Target, audit: AuditLog, dry_run: bool) -> SweepReport:
     conn = await connect(target)
+    poolers = PoolerWatch(target) if target.poolers else None
     try:
         server = await server_address(conn)
-        return await sweep_target(conn, server, config, target, audit, dry_run=dry_run)
+        return await sweep_target(
+            conn, server, config, target, audit, dry_run=dry_run, poolers=poolers
+        )
     except (AuditError, TargetError):
         raise
     except Exception as exc:
         raise TargetError(describe_error(target, exc)) from None
     finally:
+        if poolers is not None:
+            await poolers.close()
         await conn.close(timeout=2)
 
 

@@ -183,3 +183,10 @@ SELECT textsend(datname::text) AS datname, sessions, sessions_killed, sessions_a
        idle_in_transaction_time
 FROM pg_stat_database WHERE datname IS NOT NULL
 """
+
+# PgBouncer's admin console (simple query protocol, one command per query). SHOW SOCKETS is
+# SHOW CLIENTS and SHOW SERVERS in one answer: the one read per pooler and sweep.
+PGBOUNCER_SOCKETS = "SHOW SOCKETS"
+PGBOUNCER_CONFIG = "SHOW CONFIG"
+# `check --connect`: what a stats_users role must be allowed to run.
+PGBOUNCER_CHECKS = ("SHOW POOLS", "SHOW SERVERS", "SHOW CLIENTS", "SHOW SOCKETS")

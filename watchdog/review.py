@@ -13,6 +13,7 @@ import contextlib
 import fnmatch
 import gzip
 import io
+import ipaddress
 import json
 import lzma
 import os
@@ -27,6 +28,7 @@ from typing import Any
 from watchdog.review_render import (
     Summary,
     dumps_line,
+    record_client,
     record_time,
     write_json_lines,
     write_table,
@@ -71,11 +73,19 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         choices = OUTCOMES if flag == "--outcome" else None
         help = f"only {what}; repeat to match any of several"
         p.add_argument(flag, action="append", metavar=metavar, choices=choices, help=help)
+    p.add_argument(
+        "--client-addr",
+        action="append",
+        metavar="CIDR",
+        help="only records whose client is in CIDR: the real client behind a pooler where"
+        " known, else client_addr; repeat to match any of several",
+    )
     p.add_argument("--json", action="store_true", help="print matching records as JSON lines")
     p.add_argument(
         "--summary",
         action="store_true",
-        help="print counts by policy, user, application and outcome (a JSON object with --json)",
+        help="print counts by policy, user, application, outcome and client"
+        " (a JSON object with --json)",
     )
 
 
@@ -203,6 +213,25 @@ def _reason(e: BaseException) -> str:
     return (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
 
 
+def _networks(args: argparse.Namespace) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """--client-addr values as networks; ValueError (one line) for a bad one."""
+    out = []
+    for text in getattr(args, "client_addr", None) or []:
+        try:
+            out.append(ipaddress.ip_network(text.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"--client-addr: {text!r} is not an address or CIDR") from None
+    return out
+
+
+def _in(addr: Any, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return any(ip.version == n.version and ip in n for n in networks)
+
+
 def _matcher(
     args: argparse.Namespace, since: datetime | None, until: datetime | None
 ) -> Callable[[Mapping[str, Any]], bool]:
@@ -214,6 +243,7 @@ def _matcher(
     globs: list[str] = getattr(args, "app", None) or []
     app = re.compile("|".join(fnmatch.translate(g) for g in globs)) if globs else None
     app_names = frozenset(globs)  # a name with [ ] in it also matches itself
+    networks = _networks(args)
 
     def match(rec: Mapping[str, Any]) -> bool:
         for field, allowed in exact:
@@ -226,6 +256,8 @@ def _matcher(
                 return False
             if value not in app_names and app.match(value) is None:
                 return False
+        if networks and not _in(record_client(rec), networks):
+            return False
         if since is not None or until is not None:
             ts = record_time(rec.get("ts"))
             if ts is None or (since is not None and ts < since):
@@ -258,6 +290,12 @@ def run(args: argparse.Namespace, audit_path_from_config: Callable[[str | None],
     since, until = bounds["since"], bounds["until"]
     if since is not None and until is not None and since >= until:
         _warn(f"--since {since.isoformat()} is not before --until {until.isoformat()}")
+        return 2
+
+    try:
+        _networks(args)
+    except ValueError as e:
+        _warn(str(e))
         return 2
 
     file = getattr(args, "file", None)

@@ -200,11 +200,21 @@ _SUMMARY_FIELDS = (
     ("user", "usename"),
     ("application", "application_name"),
     ("outcome", "outcome"),
+    ("client", ""),  # computed: record_client()
 )
 
 
+def record_client(rec: Mapping[str, Any]) -> str | None:
+    """The address of the application behind a record: its pooler client's, else client_addr."""
+    pc = rec.get("pooler_client")
+    if isinstance(pc, Mapping) and isinstance(pc.get("addr"), str):
+        return str(pc["addr"])
+    value = rec.get("client_addr")
+    return value if isinstance(value, str) else None
+
+
 class Summary:
-    """Counts of records by policy, user, application and outcome."""
+    """Counts of records by policy, user, application, outcome and client address."""
 
     def __init__(self) -> None:
         self.total = 0
@@ -213,7 +223,8 @@ class Summary:
     def add(self, rec: Mapping[str, Any]) -> None:
         self.total += 1
         for name, field in _SUMMARY_FIELDS:
-            self.counts[name][_text(rec.get(field))] += 1
+            value = rec.get(field) if field else record_client(rec)
+            self.counts[name][_text(value)] += 1
 
     def _sorted(self, name: str) -> list[tuple[str, int]]:
         return sorted(self.counts[name].items(), key=lambda kv: (-kv[1], kv[0]))

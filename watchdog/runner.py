@@ -14,6 +14,7 @@ from watchdog import queries
 from watchdog.audit import AuditError, AuditLog
 from watchdog.config import Config, Target
 from watchdog.connect import TargetError, connect, describe_error, server_address
+from watchdog.pooler_watch import PoolerWatch
 from watchdog.sweep import SweepReport, sweep_target
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class TargetRunner:
         self.failures = 0
         self.retry_at = 0.0
         self.last_error: str | None = None
+        self.poolers = PoolerWatch(target) if target.poolers else None
 
     @property
     def up(self) -> bool:
@@ -119,6 +121,7 @@ class TargetRunner:
                     audit,
                     dry_run=dry_run,
                     leader=self.leader,
+                    poolers=self.poolers,
                 )
         except AuditError:
             raise
@@ -131,7 +134,9 @@ class TargetRunner:
             raise TargetError(self.last_error) from None
 
     async def close(self) -> None:
-        """Close the held connection."""
+        """Close the held connections (the target's and its poolers')."""
+        if self.poolers is not None:
+            await self.poolers.close()
         conn, self.conn = self.conn, None
         self.leader = False
         if conn is not None and not conn.is_closed():

@@ -106,6 +106,7 @@ class Service:
             self._recovered(name)
             self.alerts.swept(report)
             self.metrics.swept(report)
+            self.metrics.pooled(report)
             self.alerts.checkin(name, "ok", report.duration)
             self._next(name, started, report)
         finally:

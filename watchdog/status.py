@@ -18,11 +18,13 @@ from typing import Any
 
 from watchdog.blockers import describe as describe_blocking
 from watchdog.config import Config, Target
-from watchdog.connect import STATEMENT_TIMEOUT, connect, describe_error, server_address
+from watchdog.connect import connect, describe_error, server_address
 from watchdog.decide import decide
 from watchdog.model import Session, Snapshot, Verdict
+from watchdog.pooler import describe_client
+from watchdog.pooler_watch import PoolerRound, PoolerWatch
 from watchdog.review_render import dumps_line, fit
-from watchdog.snapshot import take_snapshot
+from watchdog.sweep import look
 from watchdog.units import format_duration
 
 IDLE_IN_TRANSACTION = ("idle in transaction", "idle in transaction (aborted)")
@@ -30,8 +32,8 @@ _OLDEST_IIT = "oldest_idle_in_transaction_s"
 _SHOWN = 5  # next actions listed per group in text mode
 _XMIN_SHOWN = 3  # sessions holding back vacuum, in text mode
 _CLEAR = "\x1b[H\x1b[2J"
-_EXPLAIN_TITLES = ("PID", "USER", "APP", "DB", "STATE", "AGE", "VERDICT")
-_EXPLAIN_CAPS = (8, 20, 24, 16, 29, 8, 72)
+_EXPLAIN_TITLES = ("PID", "USER", "APP", "DB", "CLIENT", "STATE", "AGE", "VERDICT")
+_EXPLAIN_CAPS = (8, 20, 24, 16, 32, 29, 8, 72)
 
 Report = dict[str, Any]
 
@@ -76,6 +78,8 @@ def _session_json(snapshot: Snapshot, v: Verdict, dry: bool) -> Report:
         "application": s.application_name,
         "database": s.datname,
         "client_addr": s.client_addr,
+        # Behind a pooler: the real client ("ADDR:PORT via pgb1"), or that the pool holds it.
+        "client": describe_client(snapshot.pooled.get(s.pid)) or s.client_addr,
         "state": s.state,
         "age_s": None if age is None else round(age, 3),
         "policy": v.policy,
@@ -106,8 +110,36 @@ def _xmin_holders(snapshot: Snapshot) -> list[Report]:
     ]
 
 
+def _pools(target: Target, round_: PoolerRound) -> list[Report]:
+    """Each pooler's clients and pools (SHOW SOCKETS counted per database and user)."""
+    out: list[Report] = []
+    looks = {look.name: look for look in round_.looks}
+    for p in target.poolers:
+        look_ = looks.get(p.name)
+        if look_ is None:
+            out.append({"pooler": p.name, "error": round_.errors.get(p.name, "not read")})
+            continue
+        out.append({
+            "pooler": p.name,
+            "clients": look_.clients_used,
+            "max_client_conn": look_.max_client_conn,
+            "pools": [
+                {"database": x.database, "user": x.user, "cl_active": x.cl_active,
+                 "cl_waiting": x.cl_waiting, "sv_active": x.sv_active, "sv_idle": x.sv_idle,
+                 "sv_used": x.sv_used, "maxwait_s": round(x.maxwait_s, 3)}
+                for x in look_.pools()
+            ],
+        })
+    return out
+
+
 def build_report(
-    config: Config, target: Target, server: str, snapshot: Snapshot, explain: bool
+    config: Config,
+    target: Target,
+    server: str,
+    snapshot: Snapshot,
+    explain: bool,
+    poolers: PoolerRound | None = None,
 ) -> Report:
     """Everything `status` shows about one target, as JSON-ready values."""
     decision = decide(snapshot, config, target.name)
@@ -151,6 +183,8 @@ def build_report(
         "next_actions": [_session_json(snapshot, v, dry(v)) for v in planned],
         "holding_back_vacuum": _xmin_holders(snapshot),
     }
+    if target.poolers:
+        report["pools"] = _pools(target, poolers or PoolerRound())
     if explain:
         report["explain"] = [_session_json(snapshot, v, dry(v)) for v in decision.verdicts]
     return report
@@ -187,6 +221,7 @@ def _explain_table(rows: list[Report]) -> list[str]:
             r["user"] or "",
             r["application"],
             r["database"] or "",
+            r["client"] or "",
             r["state"] or "",
             "" if r["age_s"] is None else format_duration(r["age_s"]),
             r["verdict"],
@@ -199,6 +234,23 @@ def _explain_table(rows: list[Report]) -> list[str]:
     ]
     lines = [_cells(_EXPLAIN_TITLES, widths)]
     return lines + [_cells(c, widths) for c in cells]
+
+
+def _pool_lines(pools: list[Report]) -> list[str]:
+    lines = []
+    for p in pools:
+        head = f"  pools        {_safe(p['pooler'])}: "
+        if "error" in p:
+            lines.append(head + f"not read ({_safe(p['error'], 200)})")
+            continue
+        lines.append(head + f"{p['clients']} clients of max_client_conn {p['max_client_conn']}")
+        lines += [
+            f"    {_safe(x['database'], 32)}/{_safe(x['user'], 32)}: clients {x['cl_active']}"
+            f" active, {x['cl_waiting']} waiting (oldest {format_duration(x['maxwait_s'])});"
+            f" servers {x['sv_active']} active, {x['sv_idle']} idle, {x['sv_used']} used"
+            for x in p["pools"]
+        ]
+    return lines
 
 
 def render_text(r: Report) -> str:
@@ -227,6 +279,7 @@ def render_text(r: Report) -> str:
         for x in r.get("holding_back_vacuum", [])[:_XMIN_SHOWN]
     ]
     lines += [f"  xmin held    {', '.join(xmin)}"] if xmin else []
+    lines += _pool_lines(r.get("pools", []))
     if r["hidden_sessions"]:
         lines.append(
             f"  warning      {r['hidden_sessions']} sessions are hidden from the watchdog's role,"
@@ -254,19 +307,24 @@ class _Held:
 
     def __init__(self) -> None:
         self.conns: dict[str, tuple[Any, str]] = {}
+        self.poolers: dict[str, PoolerWatch] = {}
 
     async def look(self, config: Config, target: Target, explain: bool) -> Report:
         held = self.conns.get(target.name)
+        if target.poolers and target.name not in self.poolers:
+            self.poolers[target.name] = PoolerWatch(target)
         try:
             if held is None or held[0].is_closed():
                 conn = await connect(target)
                 self.conns[target.name] = (conn, "")  # so a failure below closes it
                 held = self.conns[target.name] = (conn, await server_address(conn))
-            snapshot = await take_snapshot(held[0], STATEMENT_TIMEOUT, config.member_roles())
+            snapshot, pooled = await look(
+                held[0], held[1], self.poolers.get(target.name), config.member_roles()
+            )
         except Exception as exc:
             await self.drop(target.name)
             return {"target": target.name, "error": describe_error(target, exc)}
-        return build_report(config, target, held[1], snapshot, explain)
+        return build_report(config, target, held[1], snapshot, explain, pooled)
 
     async def drop(self, name: str) -> None:
         held = self.conns.pop(name, None)
@@ -276,6 +334,7 @@ class _Held:
 
     async def close(self) -> None:
         await asyncio.gather(*(self.drop(name) for name in list(self.conns)))
+        await asyncio.gather(*(p.close() for p in self.poolers.values()))
 
 
 def _print_round(reports: list[Report], args: argparse.Namespace, clear: bool) -> int:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from watchdog.act import dry_outcomes, execute
 from watchdog.audit import AuditLog, make_record
@@ -14,7 +17,12 @@ from watchdog.config import Config, Target
 from watchdog.connect import STATEMENT_TIMEOUT
 from watchdog.decide import decide
 from watchdog.model import Decision, Outcome, Snapshot
+from watchdog.pooler import attribute, describe_client
+from watchdog.pooler_watch import PoolerRound
 from watchdog.snapshot import take_snapshot
+
+if TYPE_CHECKING:
+    from watchdog.pooler_watch import PoolerWatch
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +39,7 @@ class SweepReport:
     outcomes: list[Outcome] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
     duration: float = 0.0
+    poolers: PoolerRound = field(default_factory=PoolerRound)  # what its PgBouncers showed
 
 
 async def sweep_target(
@@ -42,12 +51,13 @@ async def sweep_target(
     *,
     dry_run: bool = False,
     leader: bool = True,
+    poolers: PoolerWatch | None = None,
 ) -> SweepReport:
     """Run one sweep; AuditError means nothing was signalled (or the records are pending)."""
     started = time.monotonic()
-    snapshot = await take_snapshot(conn, STATEMENT_TIMEOUT, config.member_roles())
+    snapshot, pooled = await look(conn, server, poolers, config.member_roles())
     decision = decide(snapshot, config, target.name, dry_run=dry_run, explain=False)
-    report = SweepReport(target.name, server, snapshot, decision, leader)
+    report = SweepReport(target.name, server, snapshot, decision, leader, poolers=pooled)
     # Records held back by a failed write go out as soon as the log takes them again,
     # not only when another action comes; AuditError (nothing signalled) while it fails.
     audit.flush_backlog()
@@ -78,20 +88,7 @@ async def sweep_target(
     report.records = records(outcomes)
     audit.append(report.records)
     report.duration = time.monotonic() - started
-    for o in outcomes:
-        log.info(
-            "%s: %s pid %d (user %s, app %r, db %s, %s for %.1fs, policy %s)%s",
-            target.name,
-            o.outcome,
-            o.action.session.pid,
-            o.action.session.usename,
-            o.action.session.application_name,
-            o.action.session.datname,
-            o.action.session.state,
-            o.action.age_s,
-            o.action.policy,
-            f": {o.error}" if o.error else "",
-        )
+    _log_outcomes(target.name, outcomes)
     if decision.over_limit:
         log.warning(
             "%s: %d more sessions matched beyond limits.max_per_sweep=%d; next sweep",
@@ -100,3 +97,37 @@ async def sweep_target(
             config.limits.max_per_sweep,
         )
     return report
+
+
+async def look(
+    conn: Any, server: str, poolers: PoolerWatch | None, roles: Sequence[str] = ()
+) -> tuple[Snapshot, PoolerRound]:
+    """The snapshot and, concurrently, the poolers' reads; the snapshot knows what they hold.
+
+    ``roles``: the roles member_of rules name (Config.member_roles()).
+    """
+    if poolers is None:
+        return await take_snapshot(conn, STATEMENT_TIMEOUT, roles), PoolerRound()
+    snapshot, pooled = await asyncio.gather(
+        take_snapshot(conn, STATEMENT_TIMEOUT, roles), poolers.read()
+    )
+    links = attribute(pooled.looks, snapshot.sessions, server)
+    return dataclasses.replace(snapshot, pooled=links), pooled
+
+
+def _log_outcomes(target: str, outcomes: list[Outcome]) -> None:
+    for o in outcomes:
+        log.info(
+            "%s: %s pid %d (user %s, app %r, db %s, %s for %.1fs, policy %s)%s%s",
+            target,
+            o.outcome,
+            o.action.session.pid,
+            o.action.session.usename,
+            o.action.session.application_name,
+            o.action.session.datname,
+            o.action.session.state,
+            o.action.age_s,
+            o.action.policy,
+            f", client {describe_client(o.action.link)}" if o.action.link else "",
+            f": {o.error}" if o.error else "",
+        )
