@@ -139,6 +139,19 @@ def _headroom(snapshot: Snapshot, config: Config, sees_all: bool) -> Check:
     return Check(OK, text)
 
 
+def leadership(holders: list[Any], config: Config) -> Check:
+    """Who holds the leader lock now, as the server's pg_locks tells."""
+    key = f"leader lock (lock_key {config.lock_key})"
+    if not holders:
+        return Check(OK, f"{key}: no instance holds it")
+    h = holders[0]
+    app = f" ({h['application_name']})" if h["application_name"] else ""
+    where = f" from {h['client_addr']}" if h["client_addr"] else ""
+    since = f" since {h['backend_start']:%Y-%m-%d %H:%M:%S%z}" if h["backend_start"] else ""
+    hidden = "" if where or since else " (GRANT pg_monitor to see from where)"
+    return Check(OK, f"{key}: held by pid {h['pid']}{app}{where}{since}{hidden}")
+
+
 def judge(row: Any, server: str, snapshot: Snapshot, config: Config) -> list[Check]:
     """Every check of one reachable target, from its role row and snapshot."""
     role = quote_ident(row["role"])
@@ -165,6 +178,7 @@ async def check_target(config: Config, target: Target) -> list[Check]:
         row = await conn.fetchrow(queries.CHECK_ROLE, timeout=STATEMENT_TIMEOUT)
         server = await server_address(conn)
         snapshot = await take_snapshot(conn, timeout=STATEMENT_TIMEOUT)
+        holders = await conn.fetch(queries.LOCK_HOLDER, config.lock_key, timeout=STATEMENT_TIMEOUT)
     except Exception as exc:
         reason = describe_error(target, exc).removeprefix(f"{target.name}: ")
         return [Check(FAIL, f"connected, but the checks failed: {reason}")]
@@ -173,7 +187,7 @@ async def check_target(config: Config, target: Target) -> list[Check]:
             await conn.close(timeout=2)
     if row is None:  # current_user not in pg_roles: cannot happen on a sane server
         return [Check(FAIL, "connected, but the current role is not in pg_roles")]
-    return judge(row, server, snapshot, config)
+    return [*judge(row, server, snapshot, config), leadership(list(holders), config)]
 
 
 def _show(text: str) -> str:
