@@ -1,8 +1,10 @@
 """A silent network for one loopback address: iptables DROP rules both ways, always undone.
 
-Each pg-watchdog instance connects through its own address (127.0.0.2, 127.0.0.3), so
-cutting one address silences that instance's every connection, including the new ones it
-opens from fresh ports. Used by tests/test_failover.py and bench/failover.py.
+Each pg-watchdog instance connects to its own server address (127.0.0.2, 127.0.0.3); the
+kernel picks 127.0.0.1 as the client side of every loopback connection, so the rules
+match the server address: ``-d`` drops what the instance sends, ``-s`` what the server
+answers. That silences the instance's every connection, including the new ones it opens
+from fresh ports. Used by tests/test_failover.py and bench/failover.py.
 """
 
 from __future__ import annotations

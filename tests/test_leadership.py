@@ -1,0 +1,110 @@
+"""Who competes for the leader lock, with real `pg-watchdog run` processes on a real server:
+only instances that may act; lock_key separates deployments; `check --connect` names the
+holder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+from daemon import Daemon, audit_records, backend_alive, setup_roles, write_config
+from helpers import connect, wait_for
+
+from watchdog.tempcluster import TempCluster
+
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+
+
+@pytest.fixture(scope="module")
+def cluster(pg: TempCluster) -> TempCluster:
+    setup_roles(pg)
+    return pg
+
+
+async def _victim(cluster: TempCluster) -> tuple[asyncpg.Connection, int]:
+    conn = await connect(cluster, "app", application_name="leaky")
+    return conn, await conn.fetchval("SELECT pg_backend_pid()")
+
+
+async def _dies(cluster: TempCluster, pid: int) -> None:
+    async def gone() -> bool:
+        return not await backend_alive(cluster, pid)
+
+    await wait_for(gone, timeout=30, interval=0.1, what=f"backend {pid} to be terminated")
+
+
+def _check(cfg: Path) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "watchdog", "check", "--connect", "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.parametrize("how", ["flag", "config"])
+async def test_a_dry_run_instance_started_first_leaves_the_lock_to_the_live_one(
+    cluster: TempCluster, tmp_path: Path, how: str
+) -> None:
+    dry_audit, live_audit = tmp_path / "dry.jsonl", tmp_path / "live.jsonl"
+    cfg_dry = write_config(
+        tmp_path / "dry.yaml", cluster, audit=dry_audit, extra="dry_run: true" * (how == "config")
+    )
+    cfg_live = write_config(tmp_path / "live.yaml", cluster, audit=live_audit)
+    args = ("--dry-run",) if how == "flag" else ()
+    with Daemon(cfg_dry, None, *args) as dry:
+        conn, pid = await _victim(cluster)
+        # The trial instance sweeps, decides and records what it would do, lock or not.
+        await wait_for(
+            lambda: [r["outcome"] for r in audit_records(dry_audit) if r["pid"] == pid],
+            timeout=30,
+            what="the dry run's record",
+        )
+        assert all(r["outcome"] == "would_terminate" for r in audit_records(dry_audit))
+        with Daemon(cfg_live) as live:
+            await wait_for(lambda: "this instance acts" in live.log(), timeout=30, what="leads")
+            await _dies(cluster, pid)
+            conn.terminate()
+            assert [(r["pid"], r["outcome"]) for r in audit_records(live_audit)] == [
+                (pid, "terminated")
+            ]
+            assert live.stop() == 0
+        assert "this instance acts" not in dry.log()
+        assert dry.stop() == 0
+
+
+async def test_instances_with_different_lock_keys_both_act(
+    cluster: TempCluster, tmp_path: Path
+) -> None:
+    cfg_a = write_config(tmp_path / "a.yaml", cluster, audit=tmp_path / "a.jsonl", idle="1h")
+    cfg_b = write_config(
+        tmp_path / "b.yaml", cluster, audit=tmp_path / "b.jsonl", idle="1h", extra="lock_key: 42"
+    )
+    with Daemon(cfg_a) as a, Daemon(cfg_b) as b:
+        await wait_for(lambda: "this instance acts" in a.log(), timeout=30, what="a leads")
+        await wait_for(lambda: "this instance acts" in b.log(), timeout=30, what="b leads")
+        assert a.stop() == 0 and b.stop() == 0
+
+
+async def test_check_connect_names_the_lock_holder(cluster: TempCluster, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "p.yaml", cluster, idle="1h")
+    assert "no instance holds it" in _check(cfg)
+    with Daemon(cfg) as d:
+        await wait_for(lambda: "this instance acts" in d.log(), timeout=30, what="leads")
+        admin = await connect(cluster)
+        try:
+            pid = await admin.fetchval(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'pg-watchdog'"
+            )
+        finally:
+            await admin.close()
+        out = _check(cfg)
+        assert f"held by pid {pid} (pg-watchdog) from 127.0.0.1 since " in out, out
+        assert d.stop() == 0
