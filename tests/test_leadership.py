@@ -108,3 +108,44 @@ async def test_check_connect_names_the_lock_holder(cluster: TempCluster, tmp_pat
         out = _check(cfg)
         assert f"held by pid {pid} (pg-watchdog) from 127.0.0.1 since " in out, out
         assert d.stop() == 0
+
+
+async def test_a_leader_whose_connection_was_killed_leads_again_only_by_winning_the_lock(
+    cluster: TempCluster, tmp_path: Path
+) -> None:
+    logs = {"a": tmp_path / "a.jsonl", "b": tmp_path / "b.jsonl"}
+    cfg_a = write_config(tmp_path / "a.yaml", cluster, audit=logs["a"])
+    cfg_b = write_config(tmp_path / "b.yaml", cluster, audit=logs["b"])
+    with Daemon(cfg_a) as a:
+        await wait_for(lambda: "this instance acts" in a.log(), timeout=30, what="a leads")
+        with Daemon(cfg_b) as b:
+            await wait_for(lambda: "observing" in b.log(), timeout=30, what="b observes")
+            marks = {"a": len(a.log()), "b": len(b.log())}
+            # The server ends A's session (and its lock) between sweeps; A reconnects.
+            cluster.psql(
+                "SELECT pg_terminate_backend(l.pid) FROM pg_locks l"
+                " WHERE l.locktype = 'advisory' AND l.granted"
+            )
+            daemons = {"a": a, "b": b}
+
+            def acting() -> list[str]:
+                return [
+                    n for n, d in daemons.items() if "this instance acts" in d.log()[marks[n] :]
+                ]
+
+            # A's new connection starts as an observer: it says which role the lock gave it.
+            await wait_for(
+                lambda: "observing" in a.log()[marks["a"] :] or acting() == ["a"],
+                timeout=30,
+                what="a to lead or observe by the lock on its new connection",
+            )
+            await wait_for(lambda: len(acting()) == 1, timeout=30, what="one new leader")
+            [leader] = acting()
+            other = "b" if leader == "a" else "a"
+            conn, pid = await _victim(cluster)
+            await _dies(cluster, pid)
+            conn.terminate()
+            assert [r["pid"] for r in audit_records(logs[leader])] == [pid]
+            assert audit_records(logs[other]) == [], f"{other} acted without the lock"
+            assert b.stop() == 0
+        assert a.stop() == 0
