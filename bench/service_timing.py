@@ -1,10 +1,12 @@
 """Service timing figures the tests only check as behaviour: systemd watchdog ping gaps,
-and failover after the leader is SIGKILLed.
+failover after the leader is SIGKILLed, and shutdown with a hung server.
 
 The real ``pg-watchdog run`` processes, a real datagram socket standing in for systemd.
-Ping gaps at WATCHDOG_USEC=1 s (pings every 0.5 s); failover: two instances (interval 1 s,
-idle sessions of role app past 1 s), the leader SIGKILLed, a victim opened at once;
-seconds from the kill to the victim's termination (the threshold is 1 s of it).
+Ping gaps at WATCHDOG_USEC=1 s (pings every 0.5 s); failover: two instances (interval
+1 s, idle sessions of role app past 1 s), the leader SIGKILLed, a victim opened at once;
+seconds from the kill to the victim's termination (the threshold is 1 s of it). Shutdown:
+SIGTERM to exit of a service holding five connections over a network silenced by iptables
+(each close may wait 2 s for its goodbye to leave; they run concurrently). Needs root.
 
     .venv/bin/python bench/service_timing.py [--major 15] [--rounds 3]
 """
@@ -26,6 +28,7 @@ from benchlib import machine, median, table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from daemon import Daemon, setup_roles, write_config
 from notify_listener import NotifyListener
+from partition import LEADER_ADDR, LISTEN, Partition, allow_loopback, dsn_via
 
 from watchdog.tempcluster import TempCluster, start_cluster
 
@@ -85,17 +88,47 @@ async def sigkill_failover(pg: TempCluster, tmp: Path, n: int) -> float:
     return took
 
 
+async def hung_shutdown(pg: TempCluster, tmp: Path, targets: int = 5) -> float:
+    """Seconds from SIGTERM to exit, ``targets`` held connections over a silenced network."""
+    dsn = dsn_via(pg, LEADER_ADDR)
+    cfg = write_config(tmp / "hung.yaml", pg, idle="1h", interval="30s", dsn=dsn)
+    text = cfg.read_text()
+    head, _, rest = text.partition("exclude:")
+    block = head.split("targets:\n", 1)[1]
+    cfg.write_text(
+        "targets:\n"
+        + "".join(block.replace("name: main", f"name: t{i}") for i in range(targets))
+        + "exclude:"
+        + rest
+    )
+    with Daemon(cfg) as d:
+
+        async def connected() -> bool:
+            return d.log().count("connected to") >= targets
+
+        await _until(connected)
+        await asyncio.sleep(1)  # the first sweeps are over; none is due for 30 s
+        with Partition(LEADER_ADDR) as part:
+            part.cut()
+            started = time.monotonic()
+            d.stop()
+            took = time.monotonic() - started
+    return took
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--major", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    pg = start_cluster(args.major)
+    pg = start_cluster(args.major, settings=LISTEN)
     try:
+        allow_loopback(pg)
         setup_roles(pg)
         with tempfile.TemporaryDirectory() as tmp:
             gaps = await ping_gaps(pg, Path(tmp))
             failovers = [await sigkill_failover(pg, Path(tmp), n) for n in range(args.rounds)]
+            shutdown = await hung_shutdown(pg, Path(tmp))
         print(machine(pg))
         print(
             table(
@@ -113,6 +146,7 @@ async def main() -> None:
                         f"{min(failovers):.2f}",
                         f"{max(failovers):.2f}",
                     ),
+                    ("SIGTERM to exit (s), 5 targets, network silent", f"{shutdown:.2f}", "", ""),
                 ],
             )
         )
