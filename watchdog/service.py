@@ -108,7 +108,7 @@ class Service:
         if runner is None or self.stop.is_set():
             return
         started = time.monotonic()
-        await self._flush_retired()
+        self._flush_retired()
         self.alerts.checkin(name, "in_progress")
         try:
             report = await runner.sweep(self.config, self.audit, self.dry_run)
@@ -233,7 +233,7 @@ class Service:
             previous, self.audit = self.audit, AuditLog(new.audit.path)
             if previous.backlog:
                 self.retired.append(previous)
-                await self._flush_retired()
+                self._flush_retired()
         self.alerts.configure(new)
         self.metrics.configure(new)
         for name, old in old_targets.items():
@@ -256,10 +256,12 @@ class Service:
         )
         self.notifier.ready(status=self._status())
 
-    async def _flush_retired(self) -> None:
+    def _flush_retired(self) -> None:
+        # On the loop, as every other write of these logs: a sweep begun before the reload
+        # may still be appending to the same AuditLog, and its state is not thread-safe.
         for old in list(self.retired):
             try:
-                await asyncio.to_thread(old.flush_backlog)
+                old.flush_backlog()
             except AuditError as exc:
                 log.warning("%s; %d records held back for it", exc, len(old.backlog))
             else:
