@@ -247,6 +247,9 @@ async def test_two_instances_one_acts_and_the_other_takes_over(
             a.kill()  # SIGKILL: the leader's connection and its lock go away
             _, pid = await _idle_app_session(cluster)
             await _dies(cluster, pid, timeout=30)  # how fast: bench/service_timing.py
+            await wait_for(
+                lambda: audit_records(tmp_path / "b.jsonl"), timeout=30, what="b's record"
+            )
             records = audit_records(tmp_path / "b.jsonl")
             assert [r["pid"] for r in records] == [pid]
             assert records[0]["watchdog_pid"] == b.pid

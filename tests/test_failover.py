@@ -60,6 +60,7 @@ async def test_follower_takes_over_from_a_partitioned_leader(
             await wait_for(lambda: "observing" in b.log(), timeout=30, what="b observes")
             conn, first = await _victim(c)
             await _dies(c, first, timeout=30)
+            await wait_for(lambda: audit_records(a_log), timeout=30, what="a's record")
             assert [r["watchdog_pid"] for r in audit_records(a_log)] == [a.pid]
             before_cut = len(audit_records(a_log))
 
@@ -69,6 +70,11 @@ async def test_follower_takes_over_from_a_partitioned_leader(
                 # Without keepalives on A's session the server keeps A's backend and its
                 # lock for hours, and this times out.
                 await _dies(c, second, timeout=90)
+                await wait_for(
+                    lambda: any(r["pid"] == second for r in audit_records(b_log)),
+                    timeout=30,
+                    what="b's record",
+                )
                 by_b = [r for r in audit_records(b_log) if r["pid"] == second]
                 assert [(r["outcome"], r["watchdog_pid"]) for r in by_b] == [("terminated", b.pid)]
                 assert "lost the leader lock" in a.log() or "timed out" in a.log()

@@ -30,11 +30,18 @@ async def _victim(cluster: TempCluster) -> tuple[asyncpg.Connection, int]:
     return conn, await conn.fetchval("SELECT pg_backend_pid()")
 
 
-async def _dies(cluster: TempCluster, pid: int) -> None:
+async def _dies(cluster: TempCluster, pid: int, audit: Path) -> None:
+    """The backend is gone and its record written (the record follows the confirmation)."""
+
     async def gone() -> bool:
         return not await backend_alive(cluster, pid)
 
     await wait_for(gone, timeout=30, interval=0.1, what=f"backend {pid} to be terminated")
+    await wait_for(
+        lambda: any(r["pid"] == pid for r in audit_records(audit)),
+        timeout=30,
+        what=f"the record of {pid}",
+    )
 
 
 def _check(cfg: Path) -> str:
@@ -70,7 +77,7 @@ async def test_a_dry_run_instance_started_first_leaves_the_lock_to_the_live_one(
         assert all(r["outcome"] == "would_terminate" for r in audit_records(dry_audit))
         with Daemon(cfg_live) as live:
             await wait_for(lambda: "this instance acts" in live.log(), timeout=30, what="leads")
-            await _dies(cluster, pid)
+            await _dies(cluster, pid, live_audit)
             conn.terminate()
             assert [(r["pid"], r["outcome"]) for r in audit_records(live_audit)] == [
                 (pid, "terminated")
@@ -143,7 +150,7 @@ async def test_a_leader_whose_connection_was_killed_leads_again_only_by_winning_
             [leader] = acting()
             other = "b" if leader == "a" else "a"
             conn, pid = await _victim(cluster)
-            await _dies(cluster, pid)
+            await _dies(cluster, pid, logs[leader])
             conn.terminate()
             assert [r["pid"] for r in audit_records(logs[leader])] == [pid]
             assert audit_records(logs[other]) == [], f"{other} acted without the lock"
