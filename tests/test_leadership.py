@@ -5,6 +5,7 @@ holder."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -154,5 +155,30 @@ async def test_a_leader_whose_connection_was_killed_leads_again_only_by_winning_
             conn.terminate()
             assert [r["pid"] for r in audit_records(logs[leader])] == [pid]
             assert audit_records(logs[other]) == [], f"{other} acted without the lock"
+            assert b.stop() == 0
+        assert a.stop() == 0
+
+
+async def test_a_leader_reloaded_into_dry_run_hands_the_lock_over(
+    cluster: TempCluster, tmp_path: Path
+) -> None:
+    logs = {"a": tmp_path / "a.jsonl", "b": tmp_path / "b.jsonl"}
+    cfg_a = write_config(tmp_path / "a.yaml", cluster, audit=logs["a"])
+    cfg_b = write_config(tmp_path / "b.yaml", cluster, audit=logs["b"])
+    with Daemon(cfg_a) as a:
+        await wait_for(lambda: "this instance acts" in a.log(), timeout=30, what="a leads")
+        with Daemon(cfg_b) as b:
+            await wait_for(lambda: "observing" in b.log(), timeout=30, what="b observes")
+            write_config(cfg_a, cluster, audit=logs["a"], extra="dry_run: true")
+            a.proc.send_signal(signal.SIGHUP)
+            await wait_for(lambda: "released the leader lock" in a.log(), timeout=30, what="a")
+            await wait_for(lambda: "this instance acts" in b.log(), timeout=30, what="b leads")
+            conn, pid = await _victim(cluster)
+            await _dies(cluster, pid, logs["b"])
+            conn.terminate()
+            assert [r["outcome"] for r in audit_records(logs["b"]) if r["pid"] == pid] == [
+                "terminated"
+            ]
+            assert {r["outcome"] for r in audit_records(logs["a"])} <= {"would_terminate"}
             assert b.stop() == 0
         assert a.stop() == 0
