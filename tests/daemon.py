@@ -24,6 +24,7 @@ def write_config(
     interval: str = "1s",
     audit: Path | None = None,
     extra: str = "",
+    dsn: str | None = None,
 ) -> Path:
     """A policy file for one target on ``cluster``, acting on idle sessions of role app."""
     audit = audit or path.parent / "audit.jsonl"
@@ -31,7 +32,7 @@ def write_config(
         f"""
 targets:
   - name: main
-    dsn: {cluster.dsn("watchdog")}
+    dsn: {dsn or cluster.dsn("watchdog")}
     interval: {interval}
 exclude:
   superusers: true

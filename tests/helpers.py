@@ -43,3 +43,33 @@ async def wait_for(predicate: Callable[[], Awaitable[bool]] | Callable[[], bool]
 def free_port() -> int:
     """A currently free TCP port on 127.0.0.1."""
     return _free_port()
+
+
+_SWEEPS = (
+    "SELECT pid, query_start FROM pg_stat_activity"
+    " WHERE application_name = 'pg-watchdog' AND left(query, 120) = left($1, 120)"
+)
+
+
+async def sweeps_ran(cluster: TempCluster, n: int, timeout: float = 60) -> None:
+    """Wait until pg-watchdog's connections to ``cluster`` have started ``n`` new snapshots.
+
+    Proof that sweeps ran, for tests that then assert nothing happened. Each snapshot
+    statement gets a new query_start in pg_stat_activity; they are polled every 20 ms,
+    far more often than the 250 ms floor between two sweeps of one target.
+    """
+    from watchdog import queries
+
+    conn = await connect(cluster, "postgres", "psql")
+    try:
+        seen = {tuple(r) for r in await conn.fetch(_SWEEPS, queries.SNAPSHOT)}
+        new: set[tuple[object, ...]] = set()
+
+        async def enough() -> bool:
+            new.update(tuple(r) for r in await conn.fetch(_SWEEPS, queries.SNAPSHOT))
+            new.difference_update(seen)
+            return len(new) >= n
+
+        await wait_for(enough, timeout=timeout, interval=0.02, what=f"{n} new sweeps")
+    finally:
+        await conn.close()

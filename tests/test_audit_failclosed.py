@@ -13,7 +13,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from helpers import connect, wait_for
+from helpers import connect, sweeps_ran, wait_for
 from scenario import (
     backends,
     idle_app_session,
@@ -147,7 +147,8 @@ async def test_run_signals_nothing_while_the_log_is_unwritable(
         logs.write_text("not a directory\n")
         conns = [await idle_app_session(pg, f"victim-{i}") for i in range(2)]
         pids = [c.get_server_pid() for c in conns]
-        await asyncio.sleep(3.2)  # threshold 1s + two sweeps
+        await asyncio.sleep(1.2)  # threshold 1s
+        await sweeps_ran(pg, 3)
         present = await backends(admin)
         assert all(pid in present for pid in pids), "signalled without an audit log"
         assert proc.returncode is None, "the service died instead of waiting for its log"

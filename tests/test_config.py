@@ -19,6 +19,7 @@ from watchdog.config import (
     config_path,
     load_config,
 )
+from watchdog.queries import LEADER_KEY
 from watchdog.units import format_duration, parse_duration
 from watchdog.yamlpos import ConfigError
 
@@ -532,3 +533,15 @@ def test_config_path_then_the_system_default(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delenv("PG_WATCHDOG_CONFIG", raising=False)
     assert config_path(None) == "/etc/pg-watchdog/policies.yaml"
     assert DEFAULT_CONFIG == "/etc/pg-watchdog/policies.yaml"
+
+
+def test_lock_key_defaults_to_the_shared_constant(tmp_path: Path) -> None:
+    cfg = load(tmp_path, with_policy("    state: idle\n    longer_than: 10m\n"))
+    assert cfg.lock_key == LEADER_KEY == 1885828964
+
+
+@pytest.mark.parametrize("key", [0, 42, -1, 2**63 - 1, -(2**63)])
+def test_lock_key_takes_any_bigint(tmp_path: Path, key: int) -> None:
+    policy = with_policy("    state: idle\n    longer_than: 10m\n")
+    cfg = load(tmp_path, policy + f"lock_key: {key}\n")
+    assert cfg.lock_key == key

@@ -7,7 +7,6 @@ real servers, with a real datagram socket standing in for systemd.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import signal
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ import asyncpg
 import pytest
 from conftest import MAJORS
 from daemon import Daemon, audit_records, backend_alive, write_config
-from helpers import connect, wait_for
+from helpers import connect, sweeps_ran, wait_for
 from notify_listener import NotifyListener
 from scenario import setup_roles
 
@@ -58,13 +57,9 @@ async def test_notify_ready_watchdog_reload_stop(
         ready = await listener.expect("READY", timeout=30)
         assert ready["READY"] == "1"
         assert "watching 1 targets" in ready.get("STATUS", "")
-        # Pings at half of WATCHDOG_USEC: 0.5 s apart.
-        stamps = []
+        # Pings keep coming (at half of WATCHDOG_USEC; the gaps are bench/service_timing.py's).
         for _ in range(4):
-            await listener.expect("WATCHDOG", timeout=5)
-            stamps.append(time.monotonic())
-        gaps = [b - a for a, b in itertools.pairwise(stamps)]
-        assert all(0.3 < g < 0.9 for g in gaps), gaps
+            await listener.expect("WATCHDOG", timeout=10)
 
         d.proc.send_signal(signal.SIGHUP)
         reloading = await listener.expect("RELOADING", timeout=10)
@@ -112,7 +107,7 @@ async def test_reload_changes_policies_and_rejects_invalid(
     conn, pid = await _idle_app_session(cluster)
     with Daemon(cfg, listener.environ()) as d:
         await listener.expect("READY", timeout=30)
-        await asyncio.sleep(1.5)  # several sweeps under the old policy
+        await sweeps_ran(cluster, 3)  # several sweeps under the old policy
         assert await backend_alive(cluster, pid)
 
         write_config(cfg, cluster, idle="1s")
@@ -254,11 +249,11 @@ async def test_two_instances_one_acts_and_the_other_takes_over(
             assert audit_records(tmp_path / "b.jsonl") == []
 
             a.kill()  # SIGKILL: the leader's connection and its lock go away
-            killed_at = time.monotonic()
             _, pid = await _idle_app_session(cluster)
-            await _dies(cluster, pid, timeout=10)
-            # Threshold 1 s + two intervals of 1 s, plus the backend noticing its client died.
-            assert time.monotonic() - killed_at < 4.5
+            await _dies(cluster, pid, timeout=30)  # how fast: bench/service_timing.py
+            await wait_for(
+                lambda: audit_records(tmp_path / "b.jsonl"), timeout=30, what="b's record"
+            )
             records = audit_records(tmp_path / "b.jsonl")
             assert [r["pid"] for r in records] == [pid]
             assert records[0]["watchdog_pid"] == b.pid

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
-import time
 from pathlib import Path
 
 import asyncpg
@@ -73,7 +72,6 @@ audit:
     try:
         await asyncio.sleep(1.2)
         offset = pg.log_path.stat().st_size
-        started = time.monotonic()
         report = await sweep_target(
             watcher,
             await server_address(watcher),
@@ -81,7 +79,6 @@ audit:
             config.targets[0],
             AuditLog(config.audit.path),
         )
-        elapsed = time.monotonic() - started
         remaining = await watcher.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'leak'"
         )
@@ -102,5 +99,4 @@ audit:
     assert len(signalling) == 1, signalling
     assert queries.ACT.strip().splitlines()[0] in signalling[0]
     # Besides it: the snapshot and a few confirmation looks, nothing per victim.
-    assert len(ran) < 10, ran
-    assert elapsed < 5, f"one sweep of {VICTIMS} victims took {elapsed:.2f}s"
+    assert len(ran) < 10, ran  # how fast: bench/mass_heal.py

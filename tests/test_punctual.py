@@ -1,5 +1,6 @@
 """Punctual scheduling: with a 30 s interval and a 2 s idle threshold, the real Service kills a
-session within 0.5 s of its threshold crossing, whenever the session went idle."""
+session at its threshold crossing, whenever the session went idle, not at the next interval.
+How punctual (the lateness figures) is bench/punctuality.py's to say."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from watchdog.tempcluster import TempCluster
 
 THRESHOLD = 2.0
 INTERVAL = 30.0
-TOLERANCE = 0.5
+# Far below the interval, far above any lateness under load: a kill by this bound came from
+# punctual scheduling, never from the regular 30 s sweep.
+GENEROUS = INTERVAL / 3
 
 
 def _write_config(pg: TempCluster, tmp_path: Path) -> Path:
@@ -109,7 +112,7 @@ async def app_role(pg: TempCluster) -> str:
     return "app"
 
 
-async def test_session_going_idle_between_sweeps_dies_within_half_a_second(
+async def test_session_going_idle_between_sweeps_dies_at_its_threshold_not_the_interval(
     pg: TempCluster, tmp_path: Path, app_role: str
 ) -> None:
     # Nothing is idle at the first sweep, so nothing is "due": the next regular sweep
@@ -117,16 +120,13 @@ async def test_session_going_idle_between_sweeps_dies_within_half_a_second(
     path = _write_config(pg, tmp_path)
     async with running_service(path):
         await _first_sweep_done(pg)
-        started = time.monotonic()
         late = await connect(pg, app_role, application_name="late")
         await late.execute("SELECT 1")
         record = (await _killed(tmp_path, {"late"}, timeout=INTERVAL + 5))["late"]
-        elapsed = time.monotonic() - started
         await late.close()
     assert record["outcome"] == "terminated"
     assert record["age_s"] >= THRESHOLD
-    assert 0 <= _lateness(record) < TOLERANCE, record
-    assert elapsed < THRESHOLD + 1.5
+    assert 0 <= _lateness(record) < GENEROUS, record
 
 
 async def test_idle_sessions_die_on_time_and_activity_restarts_the_clock(
@@ -148,6 +148,6 @@ async def test_idle_sessions_die_on_time_and_activity_restarts_the_clock(
     for app in ("early", "busy"):
         assert records[app]["outcome"] == "terminated"
         assert records[app]["age_s"] >= THRESHOLD, records[app]
-        assert 0 <= _lateness(records[app]) < TOLERANCE, records[app]
+        assert 0 <= _lateness(records[app]) < GENEROUS, records[app]
     assert [r["application_name"] for r in _records(tmp_path)].count("busy") == 1
     assert busy_alive_for >= THRESHOLD

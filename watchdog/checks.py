@@ -136,6 +136,19 @@ def _headroom(snapshot: Snapshot, config: Config, sees_all: bool) -> Check:
     return Check(OK, text)
 
 
+def leadership(holders: list[Any], config: Config) -> Check:
+    """Who holds the leader lock now, as the server's pg_locks tells."""
+    key = f"leader lock (lock_key {config.lock_key})"
+    if not holders:
+        return Check(OK, f"{key}: no instance holds it")
+    h = holders[0]
+    app = f" ({h['application_name']})" if h["application_name"] else ""
+    where = f" from {h['client_addr']}" if h["client_addr"] else ""
+    since = f" since {h['backend_start']:%Y-%m-%d %H:%M:%S%z}" if h["backend_start"] else ""
+    hidden = "" if where or since else " (GRANT pg_monitor to see from where)"
+    return Check(OK, f"{key}: held by pid {h['pid']}{app}{where}{since}{hidden}")
+
+
 def _recovery(snapshot: Snapshot) -> Check:
     if snapshot.in_recovery:
         return Check(OK, "server is a hot standby (in recovery): sweeps and leadership work"
@@ -219,6 +232,7 @@ async def _check_server(config: Config, target: Target) -> list[Check]:
         server = await server_address(conn)
         snapshot = await take_snapshot(conn, STATEMENT_TIMEOUT, config.member_roles())
         facts = await read_roles(conn, config, STATEMENT_TIMEOUT)
+        holders = await conn.fetch(queries.LOCK_HOLDER, config.lock_key, timeout=STATEMENT_TIMEOUT)
     except Exception as exc:
         reason = describe_error(target, exc).removeprefix(f"{target.name}: ")
         return [Check(FAIL, f"connected, but the checks failed: {reason}")]
@@ -227,7 +241,10 @@ async def _check_server(config: Config, target: Target) -> list[Check]:
             await conn.close(timeout=2)
     if row is None:  # current_user not in pg_roles: cannot happen on a sane server
         return [Check(FAIL, "connected, but the current role is not in pg_roles")]
-    return judge(row, server, snapshot, config, target.name, facts)
+    return [
+        *judge(row, server, snapshot, config, target.name, facts),
+        leadership(list(holders), config),
+    ]
 
 
 def _show(text: str) -> str:

@@ -14,6 +14,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from watchdog import conninfo
+from watchdog.queries import LEADER_KEY
 from watchdog.yamlfields import (
     Network,
     boolean,
@@ -138,6 +139,7 @@ class Config:
     audit: AuditConfig = AuditConfig()
     alerts: AlertsConfig = AlertsConfig()
     metrics: MetricsConfig | None = None
+    lock_key: int = LEADER_KEY
 
     def target(self, name: str) -> Target:
         """The target called ``name``."""
@@ -420,7 +422,28 @@ def _metrics(node: YNode) -> MetricsConfig:
     return MetricsConfig(host=host.strip("[]") or "127.0.0.1", port=int(port))
 
 
-_TOP_KEYS = ("dry_run", "targets", "exclude", "policies", "limits", "audit", "alerts", "metrics")
+def _lock_key(node: YNode) -> int:
+    # pg_try_advisory_lock(bigint): any signed 64-bit integer. YAML's true is an int in
+    # Python, and 1.5 or "42" are typos, never a key.
+    v = node.value
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise node.error(f"must be an integer (a bigint advisory lock key), not {kind(v)}")
+    if not -(2**63) <= v < 2**63:
+        raise node.error(f"{v} is out of the bigint range (-2^63 to 2^63-1)")
+    return v
+
+
+_TOP_KEYS = (
+    "dry_run",
+    "lock_key",
+    "targets",
+    "exclude",
+    "policies",
+    "limits",
+    "audit",
+    "alerts",
+    "metrics",
+)
 
 
 def parse_config(root: YNode, source: str) -> Config:
@@ -451,4 +474,5 @@ def parse_config(root: YNode, source: str) -> Config:
         audit=opt(f, "audit", _audit, AuditConfig()),
         alerts=opt(f, "alerts", _alerts, AlertsConfig()),
         metrics=opt(f, "metrics", _metrics, None),
+        lock_key=opt(f, "lock_key", _lock_key, LEADER_KEY),
     )

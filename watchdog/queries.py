@@ -110,10 +110,26 @@ SELECT coalesce(host(inet_server_addr()), current_setting('unix_socket_directori
        || ':' || current_setting('port')
 """
 
-# High availability: one watchdog acts per server. The key is a fixed constant
-# ('pgwd' in ASCII) so every instance contends for the same lock.
+# High availability: one watchdog acts per server (per database: advisory locks are
+# scoped to the connected database). LEADER_KEY ('pgwd' in ASCII) is the default key;
+# the policy file's lock_key overrides it, per deployment.
 LEADER_KEY = 0x70677764
 TRY_LEAD = "SELECT pg_try_advisory_lock($1::bigint)"
+# On a reload that turns the instance dry or changes the key: stop competing.
+UNLOCK = "SELECT pg_advisory_unlock($1::bigint)"
+
+# `check --connect`: who holds the leader lock now. A bigint key k is kept in pg_locks as
+# classid = k >> 32, objid = k & 0xffffffff (both as unsigned 32-bit), objsubid = 1.
+# Client details of other roles' sessions need pg_read_all_stats; pg_locks needs nothing.
+LOCK_HOLDER = """
+SELECT l.pid, a.application_name, host(a.client_addr) AS client_addr, a.backend_start
+FROM pg_locks l
+LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.classid = (($1::bigint >> 32) & 4294967295)::oid
+  AND l.objid = ($1::bigint & 4294967295)::oid
+"""
 
 # `check --connect`: the connected role's privileges and the server's slot settings.
 # pg_use_reserved_connections exists on 16+ only; looked up by name, NULL on 15.

@@ -47,11 +47,20 @@ class TargetRunner:
         self.target = target
         self.conn: Any = None
         self.server = "?"
-        self.leader = False
+        # The connection on which the lock was won, and its key. Leadership belongs to that
+        # connection, never to this object: a new connection starts as an observer and
+        # leads only once it has won the lock itself.
+        self._lock: tuple[Any, int] | None = None
+        self._role = ""
         self.failures = 0
         self.retry_at = 0.0
         self.last_error: str | None = None
         self.poolers = PoolerWatch(target) if target.poolers else None
+
+    @property
+    def leader(self) -> bool:
+        """Whether this instance holds the leader lock on its open connection."""
+        return self._lock is not None and self._lock[0] is self.conn and self.up
 
     @property
     def up(self) -> bool:
@@ -61,6 +70,10 @@ class TargetRunner:
     async def _ensure_connected(self) -> None:
         if self.up:
             return
+        if self.conn is not None:
+            # Closed under us (server restart, terminated, kernel gave up on a silent peer):
+            # the lock went with it.
+            await self._drop()
         if time.monotonic() < self.retry_at:
             raise TargetError(f"{self.target.name}: {self.last_error} (retrying)")
         try:
@@ -91,28 +104,46 @@ class TargetRunner:
 
     async def _drop(self) -> None:
         conn, self.conn = self.conn, None
-        if self.leader:
+        if self._lock is not None:
             log.warning("%s: lost the leader lock with the connection", self.target.name)
-        self.leader = False
+        self._lock = None
+        self._role = ""
         if conn is not None and not conn.is_closed():
             conn.terminate()
 
-    async def _lead(self) -> None:
-        if not self.leader:
-            # Session-level lock on the held connection: released by the server when
-            # this connection goes away, so another instance takes over.
-            self.leader = bool(await self.conn.fetchval(queries.TRY_LEAD, queries.LEADER_KEY))
-            if self.leader:
-                log.info("%s: this instance acts (leader lock held)", self.target.name)
-            else:
-                log.info("%s: another pg-watchdog instance acts; observing", self.target.name)
+    def _say(self, role: str, line: str) -> None:
+        if role != self._role:  # once per change, not once per sweep
+            self._role = role
+            log.info("%s: %s", self.target.name, line)
+
+    async def _lead(self, key: int, competes: bool) -> None:
+        if self._lock is not None and self._lock[0] is not self.conn:
+            self._lock = None  # won on a connection that is gone: never carried over
+        if self._lock is not None and (not competes or self._lock[1] != key):
+            # Turned dry, or a new lock_key, by a reload: leave the lock to those who act.
+            await self.conn.fetchval(queries.UNLOCK, self._lock[1])
+            self._lock = None
+            log.info("%s: released the leader lock", self.target.name)
+        if not competes:
+            self._say("dry", "dry run: not competing for the leader lock")
+            return
+        # Session-level lock on the held connection: released by the server when
+        # this connection goes away, so another instance takes over.
+        if self._lock is None and await self.conn.fetchval(queries.TRY_LEAD, key):
+            self._lock = (self.conn, key)
+        if self._lock is not None:
+            self._say("leader", "this instance acts (leader lock held)")
+        else:
+            self._say("observer", "another pg-watchdog instance acts; observing")
 
     async def sweep(self, config: Config, audit: AuditLog, dry_run: bool) -> SweepReport:
         """Connect if needed, then sweep; TargetError or AuditError on failure."""
         await self._ensure_connected()
+        # Only an instance that may act competes; per-policy dry_run does not make it dry.
+        dry = dry_run or config.dry_run
         try:
             async with asyncio.timeout(sweep_timeout(self.target.interval)):
-                await self._lead()
+                await self._lead(config.lock_key, competes=not dry)
                 return await sweep_target(
                     self.conn,
                     self.server,
@@ -120,7 +151,9 @@ class TargetRunner:
                     self.target,
                     audit,
                     dry_run=dry_run,
-                    leader=self.leader,
+                    # A dry instance signals nothing, so it records and reports its own
+                    # would-be actions without the lock, as `once --dry-run` does.
+                    leader=self.leader or dry,
                     poolers=self.poolers,
                 )
         except AuditError:
@@ -138,7 +171,7 @@ class TargetRunner:
         if self.poolers is not None:
             await self.poolers.close()
         conn, self.conn = self.conn, None
-        self.leader = False
+        self._lock = None
         if conn is not None and not conn.is_closed():
             try:
                 await asyncio.wait_for(conn.close(), 2)

@@ -30,6 +30,18 @@ log = logging.getLogger(__name__)
 # but never more often than FLOOR.
 FLOOR = 0.25
 MARGIN = 0.02
+# A follower that sees sessions due, which the leader should have taken, tries for the
+# lock again this soon rather than an interval later: failover does not wait for it.
+FOLLOWER_RETRY = 1.0
+# APScheduler 3 keeps next run times in wall-clock time: after a backward step of the
+# system clock no job runs until the wall clock catches up, and after a forward step every
+# job is due at once. So each job's due moment is also kept on the monotonic clock, a small
+# loop compares the two clocks, and on a step every job is put back at its monotonic due
+# moment. Rescheduling on a detected step keeps APScheduler's own triggers, coalescing and
+# max_instances; driving every run by hand from 'date' triggers would replace them all,
+# and would still need the same check, since a date trigger fires by wall time too.
+STEP_CHECK = 0.5
+STEP_TOLERANCE = 1.0
 
 
 class Service:
@@ -52,13 +64,18 @@ class Service:
         self.inflight: set[asyncio.Task[None]] = set()
         self.last_done: dict[str, float] = {}
         self.running_since: dict[str, float] = {}
+        self.due: dict[str, float] = {}  # monotonic moment of each job's next run
         self.troubled: dict[str, str] = {}
+        # Logs replaced by a reload while they still held records back: those records
+        # settle intents in their own journal, so they go to their own file, later.
+        self.retired: list[AuditLog] = []
 
     # -- scheduling ------------------------------------------------------------
 
     def _schedule(self, name: str) -> None:
         target = self.config.target(name)
         self.last_done[name] = time.monotonic()
+        self.due[name] = time.monotonic()
         self.scheduler.add_job(
             self._job,
             "interval",
@@ -77,6 +94,8 @@ class Service:
         assert task is not None
         self.inflight.add(task)
         self.running_since[name] = time.monotonic()
+        # The interval trigger's next run, unless _next brings it forward.
+        self.due[name] = time.monotonic() + self.config.target(name).interval
         try:
             await self._sweep(name)
         finally:
@@ -89,6 +108,7 @@ class Service:
         if runner is None or self.stop.is_set():
             return
         started = time.monotonic()
+        self._flush_retired()
         try:
             report = await runner.sweep(self.config, self.audit, self.dry_run)
         except AuditError as exc:
@@ -125,6 +145,8 @@ class Service:
             due = horizon if due is None else min(due, horizon)
         if report.decision.over_limit:
             due = 0.0  # more victims wait: come back as soon as the floor allows
+        if not report.leader and report.decision.actions:
+            due = FOLLOWER_RETRY if due is None else min(due, FOLLOWER_RETRY)
         if due is None or due + MARGIN >= interval:
             return
         # Both due and the floor count from the sweep's start (its snapshot), not from now.
@@ -132,7 +154,25 @@ class Service:
         delay = max(delay, 0.0)
         job = self.scheduler.get_job(name)
         if job is not None:
+            self.due[name] = time.monotonic() + delay
             job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=delay))
+
+    async def _clock_watch(self) -> None:
+        offset = time.time() - time.monotonic()
+        while True:
+            await asyncio.sleep(STEP_CHECK)  # the loop's clock is monotonic
+            now = time.time() - time.monotonic()
+            step, offset = now - offset, now
+            if abs(step) > STEP_TOLERANCE:
+                log.warning("wall clock stepped %+.1fs; sweeps keep their monotonic times", step)
+                self._reschedule()
+
+    def _reschedule(self) -> None:
+        now, wall = time.monotonic(), datetime.now(UTC)
+        for name, due in self.due.items():
+            job = self.scheduler.get_job(name)
+            if job is not None:
+                job.modify(next_run_time=wall + timedelta(seconds=max(due - now, 0.0)))
 
     def _trouble(self, kind: str, message: str, target: str, more: str = "") -> None:
         key = f"{target}:{kind}"
@@ -187,13 +227,20 @@ class Service:
         self.config = new
         if new.audit.path != self.audit.path:
             # Same path: keep the instance, it knows the sweeps in flight and its backlog.
-            self.audit = AuditLog(new.audit.path)
+            # A new path: records held back by the old log still go to the old file, whose
+            # journal holds their intents; written to the new one, the old intents would
+            # stay unsettled and be recorded `unconfirmed` there too.
+            previous, self.audit = self.audit, AuditLog(new.audit.path)
+            if previous.backlog:
+                self.retired.append(previous)
+                self._flush_retired()
         self.alerts.configure(new)
         self.metrics.configure(new)
         for name, old in old_targets.items():
             if old in new.targets:
                 continue
             self.scheduler.remove_job(name)
+            self.due.pop(name, None)
             runner = self.runners.pop(name)
             await runner.close()
         for t in new.targets:
@@ -208,6 +255,17 @@ class Service:
             " (dry run)" if new.dry_run or self.dry_run else "",
         )
         self.notifier.ready(status=self._status())
+
+    def _flush_retired(self) -> None:
+        # On the loop, as every other write of these logs: a sweep begun before the reload
+        # may still be appending to the same AuditLog, and its state is not thread-safe.
+        for old in list(self.retired):
+            try:
+                old.flush_backlog()
+            except AuditError as exc:
+                log.warning("%s; %d records held back for it", exc, len(old.backlog))
+            else:
+                self.retired.remove(old)
 
     def _status(self) -> str:
         mode = "dry run" if self.dry_run or self.config.dry_run else "acting"
@@ -227,6 +285,7 @@ class Service:
         log.info("started: %s, policies from %s", self._status(), self.path)
         period = self.notifier.watchdog_period()
         pinger = asyncio.create_task(self._pinger(period)) if period else None
+        watch = asyncio.create_task(self._clock_watch())
         try:
             while not self.stop.is_set():
                 waiter = asyncio.create_task(self.reload.wait())
@@ -238,6 +297,7 @@ class Service:
                     self.reload.clear()
                     await self._apply_reload()
         finally:
+            watch.cancel()
             await self._shutdown(pinger)
         return 0
 
@@ -252,15 +312,16 @@ class Service:
         self.scheduler.shutdown(wait=False)
         if pinger is not None:
             pinger.cancel()
-        for runner in self.runners.values():
-            await runner.close()
-        try:
-            self.audit.flush_backlog()
-        except AuditError as exc:
-            # Not lost: their intents stay in the journal and the next start records them.
-            log.error(
-                "%s; %d records held back stay in the intent journal", exc, len(self.audit.backlog)
-            )
+        # Concurrently: each close may wait up to 2 s for a slow server.
+        await asyncio.gather(*(runner.close() for runner in self.runners.values()))
+        for audit in [*self.retired, self.audit]:
+            try:
+                audit.flush_backlog()
+            except AuditError as exc:
+                # Not lost: their intents stay in the journal and the next start records them.
+                log.error(
+                    "%s; %d records held back stay in the intent journal", exc, len(audit.backlog)
+                )
         self.metrics.close()
         self.alerts.close()
         # Only now: a second SIGTERM during the shutdown must not kill the sweep in flight.
