@@ -24,7 +24,8 @@ import asyncpg
 from benchlib import machine, table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from daemon import Daemon, setup_roles, write_config
+from daemon import Daemon, write_config
+from scenario import setup_roles
 
 from watchdog.tempcluster import TempCluster, start_cluster
 

@@ -26,7 +26,7 @@ import asyncpg
 from benchlib import machine, median, table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from daemon import Daemon, setup_roles, write_config
+from daemon import Daemon, write_config
 from partition import (
     FOLLOWER_ADDR,
     LEADER_ADDR,
@@ -35,6 +35,7 @@ from partition import (
     allow_loopback,
     dsn_via,
 )
+from scenario import setup_roles
 
 from watchdog import queries
 from watchdog.tempcluster import TempCluster, start_cluster

@@ -26,9 +26,10 @@ import asyncpg
 from benchlib import machine, median, table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from daemon import Daemon, setup_roles, write_config
+from daemon import Daemon, write_config
 from notify_listener import NotifyListener
 from partition import LEADER_ADDR, LISTEN, Partition, allow_loopback, dsn_via
+from scenario import setup_roles
 
 from watchdog.tempcluster import TempCluster, start_cluster
 

@@ -12,8 +12,9 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from daemon import Daemon, audit_records, setup_roles, write_config
+from daemon import Daemon, audit_records, write_config
 from helpers import connect, wait_for
+from scenario import setup_roles
 
 from watchdog.tempcluster import TempCluster
 

@@ -16,9 +16,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 from conftest import MAJORS, MakeCluster
-from daemon import Daemon, audit_records, backend_alive, setup_roles, write_config
+from daemon import Daemon, audit_records, backend_alive, write_config
 from helpers import connect, wait_for
 from partition import FOLLOWER_ADDR, LEADER_ADDR, LISTEN, Partition, allow_loopback, dsn_via
+from scenario import setup_roles
 
 from watchdog.tempcluster import TempCluster
 

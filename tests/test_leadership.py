@@ -12,8 +12,9 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from daemon import Daemon, audit_records, backend_alive, setup_roles, write_config
+from daemon import Daemon, audit_records, backend_alive, write_config
 from helpers import connect, wait_for
+from scenario import setup_roles
 
 from watchdog.tempcluster import TempCluster
 

@@ -8,9 +8,10 @@ import signal
 from pathlib import Path
 
 from conftest import MAJORS
-from daemon import Daemon, setup_roles, write_config
+from daemon import Daemon, write_config
 from faults import by_pid, close_all, open_victims, pids_of, read_records, size
 from helpers import wait_for
+from scenario import setup_roles
 
 from watchdog.tempcluster import TempCluster
 
