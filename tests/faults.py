@@ -18,13 +18,14 @@ from typing import Any
 import asyncpg
 from helpers import connect
 
+from watchdog.audit import journals
 from watchdog.tempcluster import TempCluster
 
 VICTIM_APP = "victim"
 OUTCOMES = {
     "terminated", "cancelled", "would_terminate", "would_cancel", "skipped_changed", "gone",
     "failed",
-    # Not in SPEC section 4's list, but written by audit.recover() and by a sweep interrupted
+    # Not in SPEC section 4's list, but written by recovery and by a sweep interrupted
     # mid-statement: the signal may have gone out, nobody saw the result.
     "unconfirmed",
 }
@@ -142,6 +143,20 @@ def size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+def journal_size(audit: Path) -> int:
+    """Bytes in every intent journal of audit log ``audit`` (0 when none is left)."""
+    return sum(size(p) for p in journals(audit))
+
+
+def journal_bytes(audit: Path) -> bytes:
+    """The intent journals of ``audit``, concatenated."""
+    out = b""
+    for p in journals(audit):
+        with contextlib.suppress(FileNotFoundError):
+            out += p.read_bytes()
+    return out
 
 
 def run_cli(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:

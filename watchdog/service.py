@@ -255,12 +255,13 @@ class Service:
         for runner in self.runners.values():
             await runner.close()
         try:
-            self.audit.flush_backlog()
+            await asyncio.to_thread(self.audit.flush_backlog)
         except AuditError as exc:
             # Not lost: their intents stay in the journal and the next start records them.
             log.error(
                 "%s; %d records held back stay in the intent journal", exc, len(self.audit.backlog)
             )
+        await asyncio.to_thread(self.audit.close)
         self.metrics.close()
         self.alerts.close()
         # Only now: a second SIGTERM during the shutdown must not kill the sweep in flight.
@@ -273,6 +274,6 @@ class Service:
 async def run_service(config: Config, path: str, dry_run: bool = False) -> int:
     """Entry point of `pg-watchdog run`; refuses to start (AuditError) if it cannot record."""
     audit = AuditLog(config.audit.path)
-    audit.recover()
-    audit.check_writable()
+    await asyncio.to_thread(audit.recover)
+    await asyncio.to_thread(audit.check_writable)
     return await Service(config, path, dry_run, audit).run()
