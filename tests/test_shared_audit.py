@@ -34,8 +34,9 @@ from faults import (
     read_records,
     run_cli,
 )
-from helpers import wait_for
+from helpers import connect, wait_for
 
+from watchdog import queries
 from watchdog.tempcluster import TempCluster
 
 PARAMS = pytest.mark.parametrize("major", MAJORS, ids=[f"pg{m}" for m in MAJORS])
@@ -144,11 +145,17 @@ os._exit(0)  # no cleanup: as if killed here
 
 
 def _child(audit: Path, steps: list[Any], tmp_path: Path) -> subprocess.Popen[str]:
+    """A process writing to ``audit`` through AuditLog; it exits without any cleanup."""
     script = tmp_path / f"steps-{uuid.uuid4().hex[:6]}.json"
     script.write_text(json.dumps(steps))
     return subprocess.Popen([sys.executable, "-c", _CHILD, str(audit), str(script)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def _finished(child: subprocess.Popen[str]) -> int:
+    child.communicate(timeout=30)
+    return child.returncode
 
 
 def _fake(pid: int, sweep: str, outcome: str) -> dict[str, Any]:
@@ -179,7 +186,7 @@ async def test_dead_process_intents_settled_once_live_process_untouched(
     quiet = write_config(tmp_path / "q.yaml", c, idle="1h", audit=audit)
     dead = _child(audit, [["intents", _batch(range(100, 105), "dead-sweep", "intent")]],
                   tmp_path)
-    assert dead.wait(30) == 0
+    assert _finished(dead) == 0
     live_intents = _batch(range(200, 205), "live-sweep", "intent")
     live = _child(audit, [["intents", live_intents], ["wait", []],
                           ["final", _batch(range(200, 205), "live-sweep", "terminated")]],
@@ -195,13 +202,12 @@ async def test_dead_process_intents_settled_once_live_process_untouched(
         assert {p: outcomes.get(p) for p in dead_pids} == {p: ["unconfirmed"] for p in dead_pids}
         assert not set(outcomes) & set(range(200, 205)), "a live process's intents settled"
         assert journal_size(audit) > 0  # the live one's journal is still there
-        assert live.stdin is not None
-        live.stdin.write("go\n")
-        live.stdin.flush()
-        assert live.wait(30) == 0
+        live.communicate("go\n", timeout=30)
+        assert live.returncode == 0
     finally:
         if live.poll() is None:
             live.kill()
+            live.communicate()
     # The live process has exited since (uncleanly): its journal says all is settled.
     assert run_cli("once", "-c", quiet).returncode == 0
     records = read_records(audit)
@@ -244,7 +250,7 @@ async def test_rotated_or_large_log_never_resurrects_settled_intents(
         ["intents", _batch(range(200, 205), "sweep-y", "intent")],
         ["final", _batch(range(100, 105), "sweep-x", "terminated")],
     ], tmp_path)
-    assert child.wait(30) == 0
+    assert _finished(child) == 0
     {"rotated": _rotate, "large": _grow}[change](audit)
     for _ in range(2):  # a second recovery finds nothing left
         res = run_cli("once", "-c", quiet)
@@ -254,3 +260,50 @@ async def test_rotated_or_large_log_never_resurrects_settled_intents(
                         **{p: ["unconfirmed"] for p in range(200, 205)}}, outcomes
     assert journal_size(audit) == 0
     assert set(outcomes[200]) <= SIGNALLED
+
+
+# -- `once` is an acting instance: it takes the leader lock ---------------------------------
+
+
+@PARAMS
+async def test_live_once_acts_on_nothing_while_another_instance_leads(
+    make_cluster, tmp_path: Path, major: int
+) -> None:
+    """Another instance holds the leader lock: a live `once` signals nothing there and says
+    so in one line (exit 0); a dry run never competes, so it still reports what it would do;
+    once the lock is free, `once` acts."""
+    c = _cluster(make_cluster, major)
+    audit = tmp_path / "audit.jsonl"
+    cfg = write_config(tmp_path / "p.yaml", c, idle="500ms")
+    victims = await open_victims(c, 2)
+    pids = pids_of(victims)
+    holder = await connect(c, "watchdog", application_name="pg-watchdog")
+    try:
+        assert await holder.fetchval(queries.TRY_LEAD, queries.LEADER_KEY)
+        await asyncio.sleep(0.6)
+        res = run_cli("once", "-c", cfg)
+        assert res.returncode == 0, res.stderr
+        lines = res.stdout.splitlines()
+        assert len(lines) == 1 and "holds the leader lock" in lines[0], res.stdout
+        assert lines[0].startswith("main ("), lines[0]
+        assert res.stderr == "", res.stderr
+        res = run_cli("once", "-c", cfg, "--json")
+        assert res.returncode == 0, res.stderr
+        [summary] = json.loads(res.stdout)["targets"]
+        assert summary["leader"] is False and summary["records"] == [], summary
+        assert await alive(c, pids) == set(pids)
+        assert read_records(audit) == []
+
+        res = run_cli("once", "--dry-run", "-c", cfg, "--json")
+        assert res.returncode == 0, res.stderr
+        [summary] = json.loads(res.stdout)["targets"]
+        assert {r["outcome"] for r in summary["records"]} == {"would_terminate"}, summary
+        assert await alive(c, pids) == set(pids)
+    finally:
+        await holder.close()
+    res = run_cli("once", "-c", cfg, "--json")
+    assert res.returncode == 0, res.stderr
+    assert {r["pid"]: r["outcome"] for r in json.loads(res.stdout)["targets"][0]["records"]} == {
+        p: "terminated" for p in pids}
+    assert not await alive(c, pids)
+    close_all(victims)
