@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 from helpers import connect
 
-from watchdog.audit import journals
+from watchdog.journal import journals
 from watchdog.tempcluster import TempCluster
 
 VICTIM_APP = "victim"

@@ -24,9 +24,10 @@ from scenario import (
     run_cli,
 )
 
-from watchdog.audit import AuditLog, journal_dir, journals, make_record
+from watchdog.audit import AuditLog, make_record
 from watchdog.config import load_config
 from watchdog.decide import decide
+from watchdog.journal import journal_dir, journals
 from watchdog.model import Action, Outcome
 from watchdog.snapshot import take_snapshot
 from watchdog.sweep import sweep_target

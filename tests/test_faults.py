@@ -45,8 +45,8 @@ from faults import (
 from helpers import connect, wait_for
 
 from watchdog import runner
-from watchdog.audit import journal_dir
 from watchdog.config import load_config
+from watchdog.journal import journal_dir
 from watchdog.service import Service
 from watchdog.tempcluster import TempCluster
 

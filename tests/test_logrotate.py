@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from faults import run_cli
 
-from watchdog.audit import AuditLog, journals
+from watchdog.audit import AuditLog
+from watchdog.journal import journals
 from watchdog.review import audit_files
 
 SHIPPED = Path(__file__).resolve().parents[1] / "systemd" / "pg-watchdog.logrotate"

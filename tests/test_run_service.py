@@ -19,7 +19,7 @@ from scenario import (
     stop_process,
 )
 
-from watchdog.audit import journals
+from watchdog.journal import journals
 from watchdog.tempcluster import TempCluster
 
 IDLE = 2.0

@@ -35,9 +35,10 @@ from scenario import (
 )
 
 from watchdog import act
-from watchdog.audit import AuditLog, journals
+from watchdog.audit import AuditLog
 from watchdog.config import load_config
 from watchdog.decide import decide
+from watchdog.journal import journals
 from watchdog.snapshot import take_snapshot
 from watchdog.sweep import sweep_target
 from watchdog.tempcluster import TempCluster
