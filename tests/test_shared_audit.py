@@ -11,6 +11,7 @@ import asyncio
 import gzip
 import json
 import os
+import pwd
 import subprocess
 import sys
 import uuid
@@ -37,6 +38,7 @@ from faults import (
 from helpers import connect, wait_for
 
 from watchdog import queries
+from watchdog.audit import AuditLog
 from watchdog.tempcluster import TempCluster
 
 PARAMS = pytest.mark.parametrize("major", MAJORS, ids=[f"pg{m}" for m in MAJORS])
@@ -307,3 +309,20 @@ async def test_live_once_acts_on_nothing_while_another_instance_leads(
         p: "terminated" for p in pids}
     assert not await alive(c, pids)
     close_all(victims)
+
+
+def test_files_root_creates_belong_to_the_directory_owner(tmp_path: Path) -> None:
+    """A DBA's `once` as root leaves a log and journals the service's user can write and
+    settle (its directory's owner), not root-owned files that would block it."""
+    assert os.geteuid() == 0, "CI runs as root; this test needs it"
+    owner = pwd.getpwnam("postgres")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    os.chown(logs, owner.pw_uid, owner.pw_gid)
+    audit = AuditLog(logs / "audit.jsonl")
+    audit.write_intents([_fake(1, "s", "intent")])
+    audit.append([_fake(1, "s", "terminated")])
+    for path in (audit.path, audit.journal_dir, audit.intent_path):
+        st = path.stat()
+        assert (st.st_uid, st.st_gid) == (owner.pw_uid, owner.pw_gid), path
+    audit.close()

@@ -116,6 +116,7 @@ class AuditLog:
             self.intent_path = self._new_journal_name()
         try:
             os.mkdir(self.journal_dir, 0o750)
+            jr.adopt(self.journal_dir)
             jr.fsync_dir(self.journal_dir.parent)
         except FileExistsError:
             pass
@@ -125,6 +126,7 @@ class AuditLog:
         try:
             # Locked before it gets the name recovery looks for: never taken for a dead one.
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            jr.adopt(tmp)
             pending = [r for rs in self._intents.values() for r in rs]
             if pending:
                 jr.write_all(fd, jr.encode(pending))

@@ -101,6 +101,20 @@ def fsync_dir(path: Path) -> None:
         os.close(dfd)
 
 
+def adopt(path: Path) -> None:
+    """Give a file root just created the owner of its directory.
+
+    A DBA's `once` run as root must not leave files the service's user cannot write or
+    settle (/var/log/pg-watchdog belongs to that user).
+    """
+    if os.geteuid() != 0:
+        return
+    with contextlib.suppress(OSError):
+        st = os.stat(path.parent)
+        if st.st_uid != 0:
+            os.chown(path, st.st_uid, st.st_gid)
+
+
 def same_file(path: Path, fd: int) -> bool:
     """Whether `path` still names the file open on `fd`."""
     try:
@@ -134,6 +148,7 @@ def append_locked(path: Path, data: bytes, journal: int | None, sweeps: list[str
     finally:
         os.close(fd)  # releases the flock
     if created:
+        adopt(path)
         fsync_dir(path.parent)
     if journal is not None:
         # Unsynced: should it be lost, the commit marker proves the records are written.
@@ -150,6 +165,11 @@ def settle(journal: Path, log_path: Path) -> int:
     try:
         fd = os.open(journal, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
     except FileNotFoundError:
+        return 0
+    except PermissionError:
+        # Another user's: left for a process that may settle it; not settling it never
+        # signals anything, and failing here would stop this watchdog from acting.
+        log.warning("cannot settle %s (permission denied); left for its owner", journal)
         return 0
     try:
         try:
