@@ -27,6 +27,8 @@ from watchdog.model import Outcome
 QUERY_TRUNCATE = 256
 
 Record = dict[str, Any]
+
+
 class AuditError(Exception):
     """The audit log cannot be written: the watchdog must not signal anything."""
 
