@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,38 @@ async def test_records_reach_the_disk_around_the_signals(
             assert not await is_alive(c)
     finally:
         monkeypatch.undo()
+        for c in [*conns, wd]:
+            c.terminate()
+
+
+async def test_audit_fsyncs_leave_the_event_loop_free(
+    pg: TempCluster, admin: asyncpg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each fsync of a sweep runs while the event loop stays free to run other callbacks."""
+    config = load_config(str(policy_file(tmp_path, pg, idle="1s")))
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    loop = asyncio.get_running_loop()
+    real_fsync = os.fsync
+    loop_ran: list[bool] = []
+
+    def fsync(fd: int) -> None:
+        ran = threading.Event()
+        loop.call_soon_threadsafe(ran.set)  # can only run if this is not the loop's thread
+        loop_ran.append(ran.wait(2))
+        real_fsync(fd)
+
+    conns = await _idle_victims(pg, 2)
+    wd = await connect(pg, WATCHDOG_ROLE, "wd-under-test")
+    try:
+        monkeypatch.setattr(os, "fsync", fsync)
+        report = await sweep_target(wd, f"127.0.0.1:{pg.port}", config, config.target("main"),
+                                    audit)
+        monkeypatch.undo()
+        assert [r["outcome"] for r in report.records] == ["terminated", "terminated"]
+        assert len(loop_ran) >= 2 and all(loop_ran), loop_ran
+    finally:
+        monkeypatch.undo()
+        audit.close()
         for c in [*conns, wd]:
             c.terminate()
 
