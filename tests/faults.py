@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 from helpers import connect
 
+from watchdog.journal import journals
 from watchdog.tempcluster import TempCluster
 
 VICTIM_APP = "victim"
@@ -142,6 +143,20 @@ def size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+def journal_size(audit: Path) -> int:
+    """Bytes in every intent journal of audit log ``audit`` (0 when none is left)."""
+    return sum(size(p) for p in journals(audit))
+
+
+def journal_bytes(audit: Path) -> bytes:
+    """The intent journals of ``audit``, concatenated."""
+    out = b""
+    for p in journals(audit):
+        with contextlib.suppress(FileNotFoundError):
+            out += p.read_bytes()
+    return out
 
 
 def run_cli(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:

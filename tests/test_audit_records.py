@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from scenario import (
 from watchdog.audit import AuditLog, make_record
 from watchdog.config import load_config
 from watchdog.decide import decide
+from watchdog.journal import journal_dir, journals
 from watchdog.model import Action, Outcome
 from watchdog.snapshot import take_snapshot
 from watchdog.sweep import sweep_target
@@ -70,12 +72,45 @@ async def test_records_reach_the_disk_around_the_signals(
         synced_before = {p for kind, p in events[:act_at] if kind == "fsync"}
         synced_after = [p for kind, p in events[act_at:] if kind == "fsync"]
         assert str(audit.intent_path) in synced_before, events
-        assert synced_after and synced_after[0] == str(audit.path), events
+        # After the signals: the journal's commit marker, then the log itself.
+        assert str(audit.path) in synced_after, events
         assert read_audit(audit.path) == report.records
         for c in conns:
             assert not await is_alive(c)
     finally:
         monkeypatch.undo()
+        for c in [*conns, wd]:
+            c.terminate()
+
+
+async def test_audit_fsyncs_leave_the_event_loop_free(
+    pg: TempCluster, admin: asyncpg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each fsync of a sweep runs while the event loop stays free to run other callbacks."""
+    config = load_config(str(policy_file(tmp_path, pg, idle="1s")))
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    loop = asyncio.get_running_loop()
+    real_fsync = os.fsync
+    loop_ran: list[bool] = []
+
+    def fsync(fd: int) -> None:
+        ran = threading.Event()
+        loop.call_soon_threadsafe(ran.set)  # can only run if this is not the loop's thread
+        loop_ran.append(ran.wait(2))
+        real_fsync(fd)
+
+    conns = await _idle_victims(pg, 2)
+    wd = await connect(pg, WATCHDOG_ROLE, "wd-under-test")
+    try:
+        monkeypatch.setattr(os, "fsync", fsync)
+        report = await sweep_target(wd, f"127.0.0.1:{pg.port}", config, config.target("main"),
+                                    audit)
+        monkeypatch.undo()
+        assert [r["outcome"] for r in report.records] == ["terminated", "terminated"]
+        assert len(loop_ran) >= 2 and all(loop_ran), loop_ran
+    finally:
+        monkeypatch.undo()
+        audit.close()
         for c in [*conns, wd]:
             c.terminate()
 
@@ -92,9 +127,7 @@ async def test_file_mode_and_torn_last_line(
         res = await run_cli("once", "-c", config, "--json")
         assert res.rc == 0, res.stderr
         assert stat.S_IMODE(audit_path.stat().st_mode) == 0o640
-        intent = audit_path.with_name(audit_path.name + ".intent")
-        if intent.exists():
-            assert stat.S_IMODE(intent.stat().st_mode) == 0o640
+        assert journals(audit_path) == [], "a settled journal is removed when `once` ends"
         first = read_audit(audit_path)
         assert len(first) == 2
 
@@ -154,7 +187,12 @@ async def test_intents_of_a_killed_watchdog_become_unconfirmed(
         audit.write_intents(intents)
         assert audit.intent_path.exists() and len(read_audit(audit.intent_path)) == 3
         assert stat.S_IMODE(audit.intent_path.stat().st_mode) == 0o640
-        # ... and the watchdog is killed here. The next start:
+        journal = audit.intent_path
+        # Locked while its owner lives: another process (or instance) leaves it alone.
+        assert AuditLog(audit.path).recover() == 0
+        assert read_audit(audit.path) == []
+        audit.close()  # ... as if the watchdog was killed here: unsettled, so left behind
+        assert journal.exists()
         assert AuditLog(audit.path).recover() == 3
         logged = read_audit(audit.path)
         assert [r["pid"] for r in logged] == [r["pid"] for r in intents]
@@ -164,7 +202,7 @@ async def test_intents_of_a_killed_watchdog_become_unconfirmed(
             assert rec["sweep"] == "sweep-killed"
             for key in ("pid", "backend_start", "usename", "state_change", "policy", "action"):
                 assert rec[key] == intent[key]
-        assert audit.intent_path.stat().st_size == 0
+        assert not journal.exists()
         # Recovering again records nothing twice.
         assert AuditLog(audit.path).recover() == 0
         assert read_audit(audit.path) == logged
@@ -174,32 +212,39 @@ async def test_intents_of_a_killed_watchdog_become_unconfirmed(
 
 
 async def test_settled_intents_are_not_duplicated(
-    pg: TempCluster, admin: asyncpg.Connection, tmp_path: Path
+    pg: TempCluster, admin: asyncpg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     conns = await _idle_victims(pg, 2)
     try:
         settled, actions = await _intent_records(pg, tmp_path, 2, "sweep-settled")
         audit = AuditLog(tmp_path / "audit.jsonl")
         audit.write_intents(settled)
-        journal = audit.intent_path.read_bytes()
         finals = [make_record(Outcome(a, "terminated"), server=f"127.0.0.1:{pg.port}",
                               sweep="sweep-settled", query_mode="truncate") for a in actions]
-        audit.append(finals)
-        assert audit.intent_path.stat().st_size == 0
-        # Killed after the final records reached the disk, before the journal was emptied:
-        audit.intent_path.write_bytes(journal)
+        with monkeypatch.context() as m:  # keep the journal as the append left it
+            m.setattr(os, "ftruncate", lambda fd, n: None)
+            audit.append(finals)
+        lines = audit.intent_path.read_bytes().splitlines(keepends=True)
+        assert [json.loads(x).keys() & {"commit", "settled"} for x in lines[2:]] == [
+            {"commit"}, {"settled"}]
+        audit.close()
+        # Killed after the final records reached the disk, before "settled" reached the
+        # journal: the commit marker finds them in the log, even once it is rotated.
+        journal = journal_dir(audit.path) / "1-00000001.intent"
+        journal.write_bytes(b"".join(lines[:3]))
+        rotated = audit.path.with_name("audit.jsonl-20261201-1764547200")
+        audit.path.rename(rotated)
         assert AuditLog(audit.path).recover() == 0
-        assert read_audit(audit.path) == finals
-        assert audit.intent_path.stat().st_size == 0
+        assert not journal.exists()
+        assert not audit.path.exists() and read_audit(rotated) == finals
 
         # A journal with a settled sweep and an unsettled one: only the latter is recorded.
         unsettled = [{**r, "sweep": "sweep-lost"} for r in settled]
-        audit.intent_path.write_bytes(journal + b"".join(
+        journal.write_bytes(b"".join(lines[:3]) + b"".join(
             json.dumps(r).encode() + b"\n" for r in unsettled))
         assert AuditLog(audit.path).recover() == 2
-        logged = read_audit(audit.path)
-        assert logged[:2] == finals
-        assert [(r["sweep"], r["outcome"]) for r in logged[2:]] == [
+        assert read_audit(rotated) == finals
+        assert [(r["sweep"], r["outcome"]) for r in read_audit(audit.path)] == [
             ("sweep-lost", "unconfirmed")] * 2
     finally:
         for c in conns:
@@ -214,7 +259,9 @@ async def test_once_recovers_a_left_journal(
     audit_path = tmp_path / "audit.jsonl"
     try:
         intents, _ = await _intent_records(pg, tmp_path, 2, "sweep-killed")
-        AuditLog(audit_path).write_intents(intents)
+        left = AuditLog(audit_path)
+        left.write_intents(intents)
+        left.close()  # its process is gone: the journal stays, unlocked
         for c in conns:  # they went away on their own meanwhile
             await c.close()
         res = await run_cli("once", "-c", policy_file(tmp_path, pg, audit_path=audit_path,
@@ -230,10 +277,17 @@ async def test_once_recovers_a_left_journal(
 
 
 def _two_targets(tmp_path: Path, pg: TempCluster, audit_path: Path) -> Path:
-    """Two targets on one server, each with its own victims (team-a-* and team-b-*)."""
+    """Two targets on one server, each with its own victims (team-a-* and team-b-*).
+
+    The second connects to another database: advisory locks are per database, so each
+    target's sweep holds its own leader lock and both act.
+    """
+    if not pg.psql("SELECT 1 FROM pg_database WHERE datname = 'team_b'").strip():
+        pg.psql("CREATE DATABASE team_b")
     dsn = pg.dsn(WATCHDOG_ROLE)
+    other = pg.dsn(WATCHDOG_ROLE, "team_b")
     return policy_file(tmp_path, pg, audit_path=audit_path, idle="1s", extra={
-        "targets": [{"name": "main", "dsn": dsn}, {"name": "replica-view", "dsn": dsn}],
+        "targets": [{"name": "main", "dsn": dsn}, {"name": "replica-view", "dsn": other}],
         "policies": [
             {"name": "idle-a", "state": "idle", "longer_than": "1s", "targets": ["main"],
              "applications": ["team-a-*"]},
@@ -265,8 +319,7 @@ async def test_two_targets_one_record_per_termination(
         assert {r["outcome"] for r in logged} == {"terminated"}
         for c in conns:
             assert not await is_alive(c)
-        intent = audit_path.with_name(audit_path.name + ".intent")
-        assert not intent.exists() or intent.stat().st_size == 0
+        assert journals(audit_path) == []
     finally:
         for c in conns:
             c.terminate()
@@ -297,7 +350,7 @@ async def test_concurrent_sweeps_keep_each_others_intents(
         report_a = await sweep_target(HookConn(wd_a, b_sweeps_meanwhile), server, config,
                                       config.target("main"), audit)
         assert journal_after_b, "sweep B cleared sweep A's intents while A was signalling"
-        assert pids_a <= {r["pid"] for r in journal_after_b}
+        assert pids_a <= {r.get("pid") for r in journal_after_b}
         assert {r["pid"]: r["outcome"] for r in report_a.records} == dict.fromkeys(
             pids_a, "terminated")
         logged = read_audit(audit.path)

@@ -32,6 +32,8 @@ from faults import (
     check_log,
     close_all,
     fill,
+    journal_bytes,
+    journal_size,
     open_victims,
     pids_of,
     poll,
@@ -45,6 +47,7 @@ from scenario import setup_roles
 
 from watchdog import runner
 from watchdog.config import load_config
+from watchdog.journal import journal_dir
 from watchdog.service import Service
 from watchdog.tempcluster import TempCluster
 
@@ -101,7 +104,6 @@ async def test_server_restart_mid_sweep(
     victim logs its termination; then the server starts again."""
     c = _cluster(make_cluster, major, max_connections=140)
     audit = tmp_path / "audit.jsonl"
-    intent = tmp_path / "audit.jsonl.intent"
     cfg = write_config(tmp_path / "p.yaml", c, idle="1s", interval="250ms", extra=MANY)
     victims = await open_victims(c, 100)
     first = pids_of(victims)
@@ -109,7 +111,7 @@ async def test_server_restart_mid_sweep(
     offset = size(c.log_path)
     with Daemon(cfg) as d:
         if when == "intent":
-            poll(lambda: size(intent) > 0, 30, "the first sweep's intents")
+            poll(lambda: journal_size(audit) > 0, 30, "the first sweep's intents")
         else:
             poll(lambda: _log_has(c, offset, b"due to administrator command"), 30,
                  "the first termination", step=0.0005)
@@ -141,7 +143,7 @@ async def test_server_restart_mid_sweep(
         # record would say the watchdog did not kill it.
         assert set(outcomes.get(pid, [])) & SIGNALLED, (pid, outcomes.get(pid))
     assert all(outcomes[p] == ["terminated"] for p in pids_of(second))
-    assert size(intent) == 0
+    assert journal_size(audit) == 0
 
 
 @PARAMS
@@ -234,7 +236,6 @@ async def test_audit_file_unwritable_holds_back_records_and_fails_closed(
     nothing more is signalled until they are written."""
     c = _cluster(make_cluster, major)
     audit = tmp_path / "audit.jsonl"
-    intent = tmp_path / "audit.jsonl.intent"
     away = tmp_path / "audit.jsonl.away"
     cfg = write_config(tmp_path / "p.yaml", c, idle="1s", interval="250ms")
     with Daemon(cfg) as d:
@@ -247,7 +248,7 @@ async def test_audit_file_unwritable_holds_back_records_and_fails_closed(
         held = await open_victims(c, 3)
         await _all_die(c, pids_of(held))  # intents were on disk: these went out
         await wait_for(lambda: "cannot write audit log" in d.log(), timeout=5, what="error")
-        assert size(intent) > 0  # the journal keeps them while their records wait
+        assert journal_size(audit) > 0  # the journal keeps them while their records wait
 
         blocked = await open_victims(c, 2)
         await asyncio.sleep(1.0)  # due
@@ -265,7 +266,7 @@ async def test_audit_file_unwritable_holds_back_records_and_fails_closed(
     check_log(records)
     outcomes = by_pid(records)
     assert all(outcomes[p] == ["terminated"] for p in pids_of(v0 + held + blocked)), outcomes
-    assert size(intent) == 0
+    assert journal_size(audit) == 0
     assert "nothing will be signalled until it can be written" in d.log()
 
 
@@ -293,7 +294,7 @@ async def test_audit_dir_unwritable_signals_nothing(
         await sweeps_ran(c, 4)
         assert await alive(c, pids_of(victims)) == set(pids_of(victims)), "signalled blind"
         assert "cannot write audit log" in d.log() or "cannot read" in d.log(), d.log()
-        assert size(away / "audit.jsonl.intent") == 0  # no half-written intents behind
+        assert journal_size(away / "audit.jsonl") == 0  # no half-written intents behind
         assert d.alive()
 
         logdir.unlink()
@@ -306,7 +307,7 @@ async def test_audit_dir_unwritable_signals_nothing(
     check_log(records)
     outcomes = by_pid(records)
     assert all(outcomes[p] == ["terminated"] for p in pids_of(v0 + victims)), outcomes
-    assert size(audit.with_name("audit.jsonl.intent")) == 0
+    assert journal_size(audit) == 0
 
 
 def _replace_with_a_directory(audit: Path) -> None:
@@ -407,7 +408,7 @@ async def test_audit_disk_full_fails_closed(make_cluster, tmp_path: Path, major:
         assert all(by_pid(records)[p] == ["terminated"] for p in pids_of(v0 + victims))
         assert not [line for line in audit.read_bytes().splitlines() if line.strip()
                     and not line.startswith(b"{")], "a torn or partial line was left behind"
-        assert size(mnt / "audit.jsonl.intent") == 0
+        assert journal_size(audit) == 0
 
 
 async def test_file_size_limit_mid_append_leaves_no_duplicates(
@@ -463,7 +464,6 @@ async def test_sigkill_mid_sweep_every_kill_recorded_once(
     or as soon as the first victim logs its termination (signals out, nothing recorded)."""
     c = _cluster(make_cluster, major, max_connections=240)
     audit = tmp_path / "audit.jsonl"
-    intent = tmp_path / "audit.jsonl.intent"
     cfg = write_config(tmp_path / "p.yaml", c, idle="1s", interval="250ms", extra=MANY)
     victims = await open_victims(c, 200)
     pids = pids_of(victims)
@@ -471,13 +471,13 @@ async def test_sigkill_mid_sweep_every_kill_recorded_once(
     offset = size(c.log_path)
     with Daemon(cfg) as d:
         if when == "intent":
-            poll(lambda: size(intent) > 0, 30, "the intent journal")
+            poll(lambda: journal_size(audit) > 0, 30, "the intent journal")
         else:
             poll(lambda: _log_has(c, offset, b"due to administrator command"), 30,
                  "the first termination", step=0.0005)
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait(10)
-    journal = intent.read_bytes()
+    journal = journal_bytes(audit)
     # The server finishes the ACT statement on its own; wait until the watchdog's backend
     # is gone, and the backends it signalled have exited.
     await wait_for(lambda: _no_watchdog(c), timeout=10, what="the watchdog's backend to go")
@@ -503,7 +503,7 @@ async def test_sigkill_mid_sweep_every_kill_recorded_once(
         assert "terminated" not in outcomes.get(p, []), p
     sweeps = {r["sweep"] for r in records}
     assert len(sweeps) == 1, sweeps
-    assert size(intent) == 0
+    assert journal_size(audit) == 0
     # A second recovery finds nothing to do: no duplicates.
     assert run_cli("once", "-c", quiet).returncode == 0
     assert len(read_records(audit)) == len(records)
@@ -537,7 +537,8 @@ async def test_torn_line_tolerated_and_next_record_on_fresh_line(
     assert run_cli("audit", "--file", audit, "--summary").returncode == 0
 
     # A torn intent journal too (the crash hit both): its complete lines are recovered.
-    intent = audit.with_name("audit.jsonl.intent")
+    intent = journal_dir(audit) / "4242-0badc0de.intent"
+    intent.parent.mkdir(exist_ok=True)
     rec = json.loads(line) | {"outcome": "intent", "sweep": uuid.uuid4().hex[:16], "pid": 4242}
     whole = json.dumps(rec).encode() + b"\n"
     intent.write_bytes(whole + whole[: len(whole) // 3])
@@ -557,5 +558,5 @@ async def test_torn_line_tolerated_and_next_record_on_fresh_line(
     res = run_cli("audit", "--file", audit, "--json")
     assert res.returncode == 0, res.stderr
     assert len([x for x in res.stdout.splitlines() if x.strip()]) == 4
-    assert size(intent) == 0
+    assert journal_size(audit) == 0
     close_all(first + second)

@@ -19,6 +19,7 @@ from scenario import (
     stop_process,
 )
 
+from watchdog.journal import journals
 from watchdog.tempcluster import TempCluster
 
 IDLE = 2.0
@@ -68,8 +69,8 @@ async def test_run_kills_on_time_and_stops_on_sigterm(
         assert not await is_alive(victim)
 
         # Write-ahead: by the time the backend is gone, its intent (or final record) is on disk.
-        intent_path = audit_path.with_name(audit_path.name + ".intent")
-        noted = [r for r in read_audit(intent_path) + read_audit(audit_path) if r["pid"] == pid]
+        journaled = [r for j in journals(audit_path) for r in read_audit(j)]
+        noted = [r for r in journaled + read_audit(audit_path) if r.get("pid") == pid]
         assert noted, "a backend was terminated before anything about it was on disk"
 
         # The final record follows as soon as the termination is confirmed.

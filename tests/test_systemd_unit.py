@@ -239,10 +239,15 @@ def test_tmpfiles_sets_owners_and_modes(tmp_path: Path) -> None:
     assert not (tmp_path / "etc/pg-watchdog/policies.yaml").exists(), "z never creates"
 
 
-def test_logrotate_reopens_through_systemd() -> None:
+def test_logrotate_needs_no_reload_and_names_only_the_log() -> None:
+    """Every write opens the log anew: no reload (it would apply a half-edited policy file),
+    no copytruncate; the exact path, no glob that could reach the intent journals."""
     text = LOGROTATE.read_text()
-    assert "/var/log/pg-watchdog/audit.jsonl" in text
-    assert re.search(r"^\s*compress\s*$", text, re.M)
-    assert not re.search(r"^\s*(delaycompress|copytruncate)\s*$", text, re.M)
-    assert re.search(r"^\s*create 0640 pg-watchdog pg-watchdog\s*$", text, re.M)
-    assert "systemctl reload pg-watchdog.service" in text
+    body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert re.search(r"^/var/log/pg-watchdog/audit\.jsonl \{$", body, re.M)
+    assert "*" not in body and "?" not in body
+    assert re.search(r"^\s*compress\s*$", body, re.M)
+    assert re.search(r"^\s*delaycompress\s*$", body, re.M)
+    assert not re.search(r"^\s*copytruncate\s*$", body, re.M)
+    assert "postrotate" not in body and "reload" not in body
+    assert re.search(r"^\s*create 0640 pg-watchdog pg-watchdog\s*$", body, re.M)

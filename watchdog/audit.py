@@ -1,38 +1,33 @@
 """The audit log: JSON Lines, append-only, fsynced before a sweep reports done.
 
-Write-ahead: before any backend is signalled, the sweep's intended actions go
-to an intent journal beside the log (``audit.jsonl.intent``) and reach the
-disk. If that fails nothing is signalled (fail closed). After the signals the
-final records are appended and, once no sweep of this process is in flight,
-the journal is emptied. A watchdog killed in between leaves the journal behind;
-the next start records those actions as ``unconfirmed``, so no signal is ever
-missing from the log.
-
-Several sweeps (one per target) run concurrently against one journal: intents
-are appended, never overwritten, and a sweep still in flight in this process is
-never mistaken for one a killed watchdog left behind (one AuditLog per process
-and path: its instance knows which sweeps are in flight).
+Write-ahead: before any backend is signalled, the sweep's intended actions go to
+this process's own intent journal (``audit.jsonl.intents/<pid>-<random>.intent``,
+flocked while the process has it open) and reach the disk; if that fails nothing
+is signalled (fail closed). Final records are then appended to the shared log.
+Any number of processes may share one audit path: recovery settles only dead
+processes' journals (see watchdog/journal.py), so a watchdog killed between a
+signal and its record leaves an intent that becomes ``unconfirmed``, once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
+import fcntl
 import os
+import secrets
 import socket
-from collections.abc import Iterable
+import threading
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from watchdog import journal as jr
 from watchdog.model import Outcome
 
-log = logging.getLogger(__name__)
-
 QUERY_TRUNCATE = 256
-_TAIL_BYTES = 4 << 20  # how far back recovery looks for a sweep's final records
+
+Record = dict[str, Any]
 
 
 class AuditError(Exception):
@@ -48,7 +43,7 @@ def iso(ts: datetime | None) -> str | None:
 
 def make_record(
     o: Outcome, *, server: str, sweep: str, query_mode: str, ts: datetime | None = None
-) -> dict[str, Any]:
+    ) -> Record:
     """The audit record of one outcome, with every field the README's audit log section lists."""
     a, s = o.action, o.action.session
     query = s.query
@@ -92,144 +87,143 @@ def make_record(
     }
 
 
-# Valid inside JSON strings, but str.splitlines() and many tools break lines on them.
-_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
-
-
-def _encode(records: Iterable[dict[str, Any]]) -> bytes:
-    lines = (json.dumps(r, ensure_ascii=False).translate(_LINE_BREAKS) + "\n" for r in records)
-    return "".join(lines).encode("utf-8")
-
-
 def _why(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
 class AuditLog:
-    """Appends records durably; each write opens the file anew, so rotation needs no signal."""
+    """Appends records durably; thread-safe, one instance per process and path."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.intent_path = path.with_name(path.name + ".intent")
+        self.journal_dir = jr.journal_dir(path)
+        self.intent_path = self._new_journal_name()
         # Final records that could not be written yet; they go first at the next write.
-        self.backlog: list[dict[str, Any]] = []
-        # Sweeps whose intents are in the journal and not yet settled by final records:
-        # alive in this process, so never recovered as a killed watchdog's.
-        self._inflight: set[str] = set()
+        self.backlog: list[Record] = []
+        # Intents in this process's journal not yet settled by final records, by sweep.
+        self._intents: dict[str, list[Record]] = {}
+        self._fd: int | None = None
+        # Sweeps of several targets write from worker threads.
+        self._lock = threading.RLock()
 
-    def _write(self, path: Path, data: bytes, truncate: bool = False) -> None:
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if truncate else os.O_APPEND)
-        created = not path.exists()
-        fd = os.open(path, flags, 0o640)
-        try:
-            size = os.fstat(fd).st_size
-            if not truncate and size > 0 and os.pread(fd, 1, size - 1) != b"\n":
-                # A crash left a torn last line: start ours on a fresh line.
-                data = b"\n" + data
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            except OSError:
-                # A short write (disk full, file size limit) must leave no part of the batch
-                # behind: the retry writes every record again, whole, and a partial intent
-                # would later be recovered as an action that was never taken.
-                with contextlib.suppress(OSError):
-                    os.ftruncate(fd, size)
-                raise
-        finally:
-            os.close(fd)
-        if created:
-            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+    def _new_journal_name(self) -> Path:
+        return self.journal_dir / f"{os.getpid()}-{secrets.token_hex(4)}.intent"
 
     def check_writable(self) -> None:
         """Raise AuditError unless records can be appended now."""
-        try:
-            self._write(self.path, b"")
-        except OSError as exc:
-            raise AuditError(f"cannot write audit log {self.path}: {_why(exc)}") from None
+        with self._lock:
+            try:
+                jr.append_locked(self.path, b"", None, [])
+            except OSError as exc:
+                raise AuditError(f"cannot write audit log {self.path}: {_why(exc)}") from None
 
-    def write_intents(self, records: list[dict[str, Any]]) -> None:
+    def _journal(self) -> int:
+        """This process's journal, locked; made anew if it vanished from its path."""
+        if self._fd is not None and jr.same_file(self.intent_path, self._fd):
+            return self._fd
+        if self._fd is not None:
+            # Deleted or moved away under us: the intents in flight move to a new one.
+            os.close(self._fd)
+            self._fd = None
+            self.intent_path = self._new_journal_name()
+        try:
+            os.mkdir(self.journal_dir, 0o750)
+            jr.adopt(self.journal_dir)
+            jr.fsync_dir(self.journal_dir.parent)
+        except FileExistsError:
+            pass
+        tmp = self.journal_dir / (jr.NEW + self.intent_path.name)
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o640)
+        try:
+            # Locked before it gets the name recovery looks for: never taken for a dead one.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            jr.adopt(tmp)
+            pending = [r for rs in self._intents.values() for r in rs]
+            if pending:
+                jr.write_all(fd, jr.encode(pending))
+            os.rename(tmp, self.intent_path)
+            jr.fsync_dir(self.journal_dir)
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self._fd = fd
+        return fd
+
+    def write_intents(self, records: list[Record]) -> None:
         """Durably note what is about to be signalled; AuditError means: signal nothing."""
-        self.recover()  # settle what a killed predecessor left before adding ours
-        try:
-            # Appended: concurrent sweeps of other targets may have intents in flight here.
-            self._write(self.intent_path, _encode(records))
-        except OSError as exc:
-            raise AuditError(f"cannot write audit log {self.intent_path}: {_why(exc)}") from None
-        self._inflight.update(str(r.get("sweep")) for r in records)
+        with self._lock:
+            self.recover()  # settle what dead processes left before adding ours
+            try:
+                jr.write_all(self._journal(), jr.encode(records))
+            except OSError as exc:
+                raise AuditError(
+                    f"cannot write audit log {self.intent_path}: {_why(exc)}"
+                ) from None
+            for r in records:
+                self._intents.setdefault(str(r.get("sweep")), []).append(r)
 
-    def append(self, records: list[dict[str, Any]]) -> None:
+    def append(self, records: list[Record]) -> None:
         """Append final records and reach the disk; then forget the intents they settle.
 
         On failure the records are kept and written first next time (AuditError).
         """
-        pending = self.backlog + records
-        if not pending:
-            return
-        try:
-            self._write(self.path, _encode(pending))
-        except OSError as exc:
-            self.backlog = pending
-            raise AuditError(f"cannot write audit log {self.path}: {_why(exc)}") from None
-        self.backlog = []
-        self._inflight.difference_update(str(r.get("sweep")) for r in pending)
-        if not self._inflight:
-            self._clear_intents()
+        with self._lock:
+            pending = self.backlog + records
+            if not pending:
+                return
+            sweeps = sorted({str(r.get("sweep")) for r in pending} & self._intents.keys())
+            try:
+                journal = self._journal() if sweeps else None
+                jr.append_locked(self.path, jr.encode(pending), journal, sweeps)
+            except OSError as exc:
+                self.backlog = pending
+                raise AuditError(f"cannot write audit log {self.path}: {_why(exc)}") from None
+            self.backlog = []
+            for sweep in sweeps:
+                del self._intents[sweep]
+            if not self._intents and self._fd is not None:
+                # All settled: an empty journal is the cheapest one to recover.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, 0)
 
     def flush_backlog(self) -> None:
         """Write records held back by an earlier failure; AuditError while it still fails."""
-        if self.backlog:
-            self.append([])
+        with self._lock:
+            if self.backlog:
+                self.append([])
 
-    def _clear_intents(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            if self.intent_path.stat().st_size:
-                os.truncate(self.intent_path, 0)
+    def close(self) -> None:
+        """Give up this process's journal: removed if all is settled, else left to recovery."""
+        with self._lock:
+            if self._fd is None:
+                return
+            if not (self._intents or self.backlog) and jr.same_file(self.intent_path, self._fd):
+                with contextlib.suppress(OSError):
+                    os.unlink(self.intent_path)
+            os.close(self._fd)
+            self._fd = None
+            self.intent_path = self._new_journal_name()
 
     def recover(self) -> int:
-        """Record intents a killed watchdog left behind as ``unconfirmed``; how many."""
-        try:
-            raw = self.intent_path.read_bytes()
-        except FileNotFoundError:
-            return 0
-        except OSError as exc:
-            raise AuditError(f"cannot read {self.intent_path}: {_why(exc)}") from None
-        intents = [r for r in (_parse(line) for line in raw.splitlines()) if r is not None]
-        if not intents:
-            return 0
-        settled = self._recent_sweeps() | self._inflight  # in flight: ours, alive
-        orphans = []
-        for r in intents:
-            if str(r.get("sweep")) not in settled:
-                r["outcome"] = "unconfirmed"
-                r["error"] = "pg-watchdog stopped after deciding to signal; outcome not recorded"
-                orphans.append(r)
-        if orphans:
-            log.warning("recording %d unconfirmed actions left by a previous run", len(orphans))
-            self.append(orphans)
-        elif not self._inflight:
-            self._clear_intents()
-        return len(orphans)
-
-    def _recent_sweeps(self) -> set[str]:
-        try:
-            with self.path.open("rb") as f:
-                f.seek(max(f.seek(0, os.SEEK_END) - _TAIL_BYTES, 0))
-                tail = f.read()
-        except FileNotFoundError:
-            return set()
-        return {str(r.get("sweep")) for r in map(_parse, tail.splitlines()) if r is not None}
-
-
-def _parse(line: bytes) -> dict[str, Any] | None:
-    try:
-        value = json.loads(line)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
+        """Record as ``unconfirmed`` the intents dead processes left behind; how many."""
+        with self._lock:
+            try:
+                names = sorted(os.listdir(self.journal_dir))
+            except FileNotFoundError:
+                return 0
+            except OSError as exc:
+                raise AuditError(f"cannot read {self.journal_dir}: {_why(exc)}") from None
+            settled = 0
+            for name in names:
+                if name == self.intent_path.name or not jr.is_journal(name):
+                    continue
+                try:
+                    settled += jr.settle(self.journal_dir / name, self.path)
+                except OSError as exc:
+                    raise AuditError(
+                        f"cannot settle {self.journal_dir / name}: {_why(exc)}"
+                    ) from None
+            return settled

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from watchdog import queries
 from watchdog.alerts import Alerts
 from watchdog.audit import AuditError, AuditLog
 from watchdog.config import Config, Target
@@ -25,8 +26,14 @@ async def _one(config: Config, target: Target, audit: AuditLog, dry_run: bool) -
     poolers = PoolerWatch(target) if target.poolers else None
     try:
         server = await server_address(conn)
+        # One server, one actor: a live run competes for the leader lock like `run` does
+        # (released when this connection closes); a dry run never acts, so never competes.
+        leader = True
+        if not (dry_run or config.dry_run):
+            leader = bool(await conn.fetchval(queries.TRY_LEAD, config.lock_key))
         return await sweep_target(
-            conn, server, config, target, audit, dry_run=dry_run, poolers=poolers
+            conn, server, config, target, audit, dry_run=dry_run, leader=leader,
+            poolers=poolers,
         )
     except (AuditError, TargetError):
         raise
@@ -43,6 +50,7 @@ def _summary(report: SweepReport) -> dict[str, Any]:
     return {
         "target": report.target,
         "server": report.server,
+        "leader": report.leader,
         "used": s.used,
         "capacity": s.capacity,
         "max_connections": s.max_connections,
@@ -69,12 +77,15 @@ async def run_once(config: Config, dry_run: bool = False, as_json: bool = False)
 
 async def _sweep_all(config: Config, alerts: Alerts, dry_run: bool, as_json: bool) -> int:
     audit = AuditLog(config.audit.path)
-    audit.recover()
-    # Fail closed before touching any server: a sweep that cannot record must not act.
-    audit.check_writable()
-    results = await asyncio.gather(
-        *(_one(config, t, audit, dry_run) for t in config.targets), return_exceptions=True
-    )
+    try:
+        await asyncio.to_thread(audit.recover)
+        # Fail closed before touching any server: a sweep that cannot record must not act.
+        await asyncio.to_thread(audit.check_writable)
+        results = await asyncio.gather(
+            *(_one(config, t, audit, dry_run) for t in config.targets), return_exceptions=True
+        )
+    finally:
+        await asyncio.to_thread(audit.close)
     failed = 0
     out: list[dict[str, Any]] = []
     for target, result in zip(config.targets, results, strict=True):
@@ -91,6 +102,13 @@ async def _sweep_all(config: Config, alerts: Alerts, dry_run: bool, as_json: boo
         alerts.swept(result)
         alerts.checkin(target.name, "ok", result.duration)
         out.append(_summary(result))
+        if not result.leader:
+            if not as_json:
+                print(
+                    f"{target.name} ({result.server}): another pg-watchdog instance holds "
+                    "the leader lock and acts here; this run acted on nothing"
+                )
+            continue
         if not as_json:
             s = result.snapshot
             print(

@@ -37,8 +37,9 @@ from watchdog.units import parse_duration
 
 OUTCOMES: tuple[str, ...] = ("terminated", "cancelled", "would_terminate", "would_cancel")
 OUTCOMES += ("skipped_changed", "gone", "failed", "unconfirmed")
-# logrotate names: PATH.1, PATH.2.gz (higher is older) or, with dateext, PATH-20261125.gz.
-_ROTATED = r"(?:\.(\d+)|-(\d{8,}))(\.gz|\.bz2|\.xz)?"
+# logrotate names: PATH.1, PATH.2.gz (higher is older) or, with dateext, PATH-20261125.gz
+# and PATH-20261125-1764028800.gz (dateformat -%Y%m%d-%s: the epoch orders one day's files).
+_ROTATED = r"(?:\.(\d+)|-(\d{8,})(?:-(\d+))?)(\.gz|\.bz2|\.xz)?"
 _TORN_RETRIES = 8
 # Exact-match filters: argparse dest -> record field.
 _EXACT_FILTERS: tuple[tuple[str, str], ...] = (("target", "target"), ("policy", "policy"))
@@ -57,7 +58,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "--file",
         metavar="PATH",
         help="audit log to read instead of audit.path from the config; "
-        "rotated PATH.N and PATH.N.gz are read too, oldest first",
+        "rotated PATH.N, PATH-DATE (either compressed or not) are read too, oldest first",
     )
     when = "a duration ago (30s, 10m, 1h30m, 2d) or an ISO 8601 timestamp (naive means UTC)"
     p.add_argument("--since", metavar="WHEN", help=f"only records at or after WHEN: {when}")
@@ -118,17 +119,18 @@ def parse_when(text: str, now: datetime) -> datetime:
 def audit_files(path: Path) -> list[Path]:
     """The rotated files of `path`, oldest first, then `path` itself if it exists."""
     pattern = re.compile(re.escape(path.name) + _ROTATED)
-    rotated: list[tuple[int, int, str, Path]] = []
+    rotated: list[tuple[int, str, int, str, Path]] = []
     with contextlib.suppress(OSError):
         for entry in path.parent.iterdir():
             m = pattern.fullmatch(entry.name)
-            if m is None:
+            if m is None or not entry.is_file():
                 continue
-            number, date, _ = m.groups()
+            number, date, epoch, _ = m.groups()
             if date is not None:
-                rotated.append((0, int(date), entry.name, entry))
+                # %Y%m%d, %Y%m%d%H, ... : padded, so a longer stamp of the same day sorts after.
+                rotated.append((0, date.ljust(14, "0"), int(epoch or 0), entry.name, entry))
             else:
-                rotated.append((1, -int(number), entry.name, entry))
+                rotated.append((1, "", -int(number), entry.name, entry))
     files = [entry for *_, entry in sorted(rotated)]
     if path.exists() or not files:
         files.append(path)

@@ -108,7 +108,7 @@ class Service:
         if runner is None or self.stop.is_set():
             return
         started = time.monotonic()
-        self._flush_retired()
+        await self._flush_retired()
         try:
             report = await runner.sweep(self.config, self.audit, self.dry_run)
         except AuditError as exc:
@@ -233,7 +233,7 @@ class Service:
             previous, self.audit = self.audit, AuditLog(new.audit.path)
             if previous.backlog:
                 self.retired.append(previous)
-                self._flush_retired()
+                await self._flush_retired()
         self.alerts.configure(new)
         self.metrics.configure(new)
         for name, old in old_targets.items():
@@ -256,16 +256,13 @@ class Service:
         )
         self.notifier.ready(status=self._status())
 
-    def _flush_retired(self) -> None:
-        # On the loop, as every other write of these logs: a sweep begun before the reload
-        # may still be appending to the same AuditLog, and its state is not thread-safe.
-        for old in list(self.retired):
-            try:
-                old.flush_backlog()
-            except AuditError as exc:
-                log.warning("%s; %d records held back for it", exc, len(old.backlog))
-            else:
-                self.retired.remove(old)
+    async def _flush_retired(self) -> None:
+        for old in self.retired:
+            if old.backlog:
+                try:
+                    await asyncio.to_thread(old.flush_backlog)
+                except AuditError as exc:
+                    log.warning("%s; %d records held back for it", exc, len(old.backlog))
 
     def _status(self) -> str:
         mode = "dry run" if self.dry_run or self.config.dry_run else "acting"
@@ -314,14 +311,17 @@ class Service:
             pinger.cancel()
         # Concurrently: each close may wait up to 2 s for a slow server.
         await asyncio.gather(*(runner.close() for runner in self.runners.values()))
+        # Retired logs (audit.path changed on reload) stay open until now: a sweep begun
+        # before the reload may still have written intents to one of them.
         for audit in [*self.retired, self.audit]:
             try:
-                audit.flush_backlog()
+                await asyncio.to_thread(audit.flush_backlog)
             except AuditError as exc:
                 # Not lost: their intents stay in the journal and the next start records them.
                 log.error(
                     "%s; %d records held back stay in the intent journal", exc, len(audit.backlog)
                 )
+            await asyncio.to_thread(audit.close)
         self.metrics.close()
         self.alerts.close()
         # Only now: a second SIGTERM during the shutdown must not kill the sweep in flight.
@@ -334,6 +334,6 @@ class Service:
 async def run_service(config: Config, path: str, dry_run: bool = False) -> int:
     """Entry point of `pg-watchdog run`; refuses to start (AuditError) if it cannot record."""
     audit = AuditLog(config.audit.path)
-    audit.recover()
-    audit.check_writable()
+    await asyncio.to_thread(audit.recover)
+    await asyncio.to_thread(audit.check_writable)
     return await Service(config, path, dry_run, audit).run()

@@ -60,7 +60,7 @@ async def sweep_target(
     report = SweepReport(target.name, server, snapshot, decision, leader, poolers=pooled)
     # Records held back by a failed write go out as soon as the log takes them again,
     # not only when another action comes; AuditError (nothing signalled) while it fails.
-    audit.flush_backlog()
+    await asyncio.to_thread(audit.flush_backlog)
     if not leader or not decision.actions:
         report.duration = time.monotonic() - started
         return report
@@ -76,17 +76,20 @@ async def sweep_target(
 
     if live:
         # Write-ahead: no signal leaves before its intent is on disk.
-        audit.write_intents(records([Outcome(a, "intent") for a in live]))
+        intents = records([Outcome(a, "intent") for a in live])
+        await asyncio.to_thread(audit.write_intents, intents)
         try:
             outcomes += await execute(conn, live, timeout=STATEMENT_TIMEOUT)
         except BaseException:
             # Cancelled mid-statement (timeout, shutdown): signals may have gone out.
             why = "sweep interrupted while signalling; outcome not confirmed"
-            audit.append(records([Outcome(a, "unconfirmed", why) for a in live]))
+            await asyncio.to_thread(
+                audit.append, records([Outcome(a, "unconfirmed", why) for a in live])
+            )
             raise
     report.outcomes = outcomes
     report.records = records(outcomes)
-    audit.append(report.records)
+    await asyncio.to_thread(audit.append, report.records)
     report.duration = time.monotonic() - started
     _log_outcomes(target.name, outcomes)
     if decision.over_limit:
