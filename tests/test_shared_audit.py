@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import MAJORS
-from daemon import Daemon, setup_roles, write_config
+from daemon import Daemon, write_config
 from faults import (
     SIGNALLED,
     admin_kills,
@@ -36,6 +36,7 @@ from faults import (
     run_cli,
 )
 from helpers import connect, wait_for
+from scenario import setup_roles
 
 from watchdog import queries
 from watchdog.audit import AuditLog
