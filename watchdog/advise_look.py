@@ -9,7 +9,7 @@ from typing import Any
 
 from watchdog import queries
 from watchdog.config import Target
-from watchdog.connect import STATEMENT_TIMEOUT, TargetError, connect, describe_error
+from watchdog.connect import STATEMENT_TIMEOUT, TargetError, describe_error, target_session
 from watchdog.model import APPLICATION_NAME, CLIENT_BACKEND
 from watchdog.snapshot import server_text
 
@@ -111,13 +111,13 @@ def _setconfig(items: list[str] | None) -> dict[str, str]:
 
 async def take_look(target: Target) -> Look:
     """One look at ``target``; TargetError (one safe line) when it cannot be reached or read."""
-    conn = await connect(target, settings=_LOOK_SETTINGS)
     try:
-        return await _read(conn, target)
+        async with target_session(target, settings=_LOOK_SETTINGS) as (conn, _):
+            return await _read(conn, target)
+    except TargetError:
+        raise
     except Exception as exc:
         raise TargetError(describe_error(target, exc)) from None
-    finally:
-        await conn.close(timeout=2)
 
 
 async def _read(conn: Any, target: Target) -> Look:

@@ -8,7 +8,6 @@ GRANT that fixes it. Nothing printed comes from the DSN, so no password can leak
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import sys
 from dataclasses import dataclass
@@ -16,7 +15,13 @@ from typing import Any
 
 from watchdog import queries
 from watchdog.config import Config, Target
-from watchdog.connect import STATEMENT_TIMEOUT, TargetError, connect, describe_error, server_address
+from watchdog.connect import (
+    STATEMENT_TIMEOUT,
+    TargetError,
+    close_quietly,
+    describe_error,
+    open_target,
+)
 from watchdog.managed import RoleFacts, killable, members_now, read_roles
 from watchdog.model import Snapshot
 from watchdog.pooler_check import check_poolers
@@ -223,13 +228,12 @@ async def check_target(config: Config, target: Target) -> list[Check]:
 async def _check_server(config: Config, target: Target) -> list[Check]:
     """Connect to ``target`` and check it; an unreachable target is a single FAIL."""
     try:
-        conn = await connect(target)
+        conn, server = await open_target(target)
     except TargetError as exc:
         reason = str(exc).removeprefix(f"{target.name}: ")
         return [Check(FAIL, f"cannot connect: {reason}")]
     try:
         row = await conn.fetchrow(queries.CHECK_ROLE, timeout=STATEMENT_TIMEOUT)
-        server = await server_address(conn)
         snapshot = await take_snapshot(conn, STATEMENT_TIMEOUT, config.member_roles())
         facts = await read_roles(conn, config, STATEMENT_TIMEOUT)
         holders = await conn.fetch(queries.LOCK_HOLDER, config.lock_key, timeout=STATEMENT_TIMEOUT)
@@ -237,8 +241,7 @@ async def _check_server(config: Config, target: Target) -> list[Check]:
         reason = describe_error(target, exc).removeprefix(f"{target.name}: ")
         return [Check(FAIL, f"connected, but the checks failed: {reason}")]
     finally:
-        with contextlib.suppress(Exception):
-            await conn.close(timeout=2)
+        await close_quietly(conn)
     if row is None:  # current_user not in pg_roles: cannot happen on a sane server
         return [Check(FAIL, "connected, but the current role is not in pg_roles")]
     return [

@@ -7,6 +7,7 @@ import contextlib
 import re
 import socket
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, unquote_plus, urlsplit
@@ -206,3 +207,38 @@ def keep_alive(conn: Any) -> None:
 async def server_address(conn: Any) -> str:
     """``host:port`` of the server as it sees itself."""
     return str(await conn.fetchval(queries.SERVER_ADDR))
+
+
+async def open_target(
+    target: Target, timeout: float | None = None, settings: dict[str, str] | None = None
+) -> tuple[Any, str]:
+    """The connection to ``target`` and the server's ``host:port``; TargetError on failure
+    (a connection opened before the failure is dropped)."""
+    conn = await connect(target, timeout, settings)
+    try:
+        return conn, await server_address(conn)
+    except Exception as exc:
+        conn.terminate()
+        raise TargetError(describe_error(target, exc)) from None
+
+
+async def close_quietly(conn: Any) -> None:
+    """Close ``conn`` politely within 2 s, else drop it; never raises."""
+    if conn is None or conn.is_closed():
+        return
+    try:
+        await asyncio.wait_for(conn.close(), 2)
+    except Exception:
+        conn.terminate()
+
+
+@contextlib.asynccontextmanager
+async def target_session(
+    target: Target, settings: dict[str, str] | None = None
+) -> AsyncIterator[tuple[Any, str]]:
+    """``async with target_session(t) as (conn, server):`` open_target, then close_quietly."""
+    conn, server = await open_target(target, settings=settings)
+    try:
+        yield conn, server
+    finally:
+        await close_quietly(conn)

@@ -11,7 +11,7 @@ from watchdog import queries
 from watchdog.alerts import Alerts
 from watchdog.audit import AuditError, AuditLog
 from watchdog.config import Config, Target
-from watchdog.connect import TargetError, connect, describe_error, server_address
+from watchdog.connect import TargetError, describe_error, target_session
 from watchdog.pooler_watch import PoolerWatch
 from watchdog.review_render import write_table
 from watchdog.sweep import SweepReport, sweep_target
@@ -22,19 +22,18 @@ FLUSH_AT_EXIT = 10.0
 
 
 async def _one(config: Config, target: Target, audit: AuditLog, dry_run: bool) -> SweepReport:
-    conn = await connect(target)
     poolers = PoolerWatch(target) if target.poolers else None
     try:
-        server = await server_address(conn)
-        # One server, one actor: a live run competes for the leader lock like `run` does
-        # (released when this connection closes); a dry run never acts, so never competes.
-        leader = True
-        if not (dry_run or config.dry_run):
-            leader = bool(await conn.fetchval(queries.TRY_LEAD, config.lock_key))
-        return await sweep_target(
-            conn, server, config, target, audit, dry_run=dry_run, leader=leader,
-            poolers=poolers,
-        )
+        async with target_session(target) as (conn, server):
+            # One server, one actor: a live run competes for the leader lock like `run` does
+            # (released when this connection closes); a dry run never acts, so never competes.
+            leader = True
+            if not (dry_run or config.dry_run):
+                leader = bool(await conn.fetchval(queries.TRY_LEAD, config.lock_key))
+            return await sweep_target(
+                conn, server, config, target, audit, dry_run=dry_run, leader=leader,
+                poolers=poolers,
+            )
     except (AuditError, TargetError):
         raise
     except Exception as exc:
@@ -42,7 +41,6 @@ async def _one(config: Config, target: Target, audit: AuditLog, dry_run: bool) -
     finally:
         if poolers is not None:
             await poolers.close()
-        await conn.close(timeout=2)
 
 
 def _summary(report: SweepReport) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import asyncpg
 from watchdog import queries
 from watchdog.audit import AuditError, AuditLog
 from watchdog.config import Config, Target
-from watchdog.connect import TargetError, connect, describe_error, server_address
+from watchdog.connect import TargetError, close_quietly, describe_error, open_target
 from watchdog.pooler_watch import PoolerWatch
 from watchdog.sweep import SweepReport, sweep_target
 
@@ -77,8 +77,7 @@ class TargetRunner:
         if time.monotonic() < self.retry_at:
             raise TargetError(f"{self.target.name}: {self.last_error} (retrying)")
         try:
-            self.conn = await connect(self.target)
-            self.server = await server_address(self.conn)
+            self.conn, self.server = await open_target(self.target)
         except Exception as exc:
             await self._drop()
             self.failures += 1
@@ -172,8 +171,4 @@ class TargetRunner:
             await self.poolers.close()
         conn, self.conn = self.conn, None
         self._lock = None
-        if conn is not None and not conn.is_closed():
-            try:
-                await asyncio.wait_for(conn.close(), 2)
-            except Exception:
-                conn.terminate()
+        await close_quietly(conn)

@@ -18,7 +18,7 @@ from typing import Any
 
 from watchdog.blockers import describe as describe_blocking
 from watchdog.config import Config, Target
-from watchdog.connect import connect, describe_error, server_address
+from watchdog.connect import close_quietly, describe_error, open_target
 from watchdog.decide import decide
 from watchdog.model import Session, Snapshot, Verdict
 from watchdog.pooler import describe_client
@@ -315,9 +315,7 @@ class _Held:
             self.poolers[target.name] = PoolerWatch(target)
         try:
             if held is None or held[0].is_closed():
-                conn = await connect(target)
-                self.conns[target.name] = (conn, "")  # so a failure below closes it
-                held = self.conns[target.name] = (conn, await server_address(conn))
+                held = self.conns[target.name] = await open_target(target)
             snapshot, pooled = await look(
                 held[0], held[1], self.poolers.get(target.name), config.member_roles()
             )
@@ -329,8 +327,7 @@ class _Held:
     async def drop(self, name: str) -> None:
         held = self.conns.pop(name, None)
         if held is not None:
-            with contextlib.suppress(Exception):
-                await held[0].close(timeout=2)
+            await close_quietly(held[0])
 
     async def close(self) -> None:
         await asyncio.gather(*(self.drop(name) for name in list(self.conns)))
