@@ -177,14 +177,18 @@ def _ts(text: str) -> float:
 
 
 def lateness(records: list[dict[str, Any]], healthy: set[str], fault_at: float
-             ) -> tuple[list[float], list[float]]:
-    before, after = [], []
+             ) -> tuple[list[float], list[float], list[tuple[float, float]]]:
+    """Lateness of kills on healthy targets before and after the faults, and the worst five
+    as (seconds after the faults, lateness)."""
+    before, after, when = [], [], []
     for r in records:
         if r["outcome"] != "terminated" or r["target"] not in healthy:
             continue
         due = _ts(r["state_change"]) + THRESHOLD
-        (before if due < fault_at else after).append(_ts(r["ts"]) - due)
-    return before, after
+        late = _ts(r["ts"]) - due
+        (before if due < fault_at else after).append(late)
+        when.append((round(due - fault_at, 1), round(late, 3)))
+    return before, after, sorted(when, key=lambda w: -w[1])[:5]
 
 
 def missed(seen: dict[str, list[float]], healthy: set[str], interval: float, end: float
@@ -276,7 +280,7 @@ async def measure(a: argparse.Namespace, fleet: list[TempCluster], tmp: Path) ->
         code = daemon.wait(60)
         err.close()
     records = [json.loads(x) for x in audit.read_text().splitlines() if x.strip()]
-    before, after = lateness(records, healthy, fault_at)
+    before, after, worst = lateness(records, healthy, fault_at)
     killed = {(r["target"], r["pid"]) for r in records if r["outcome"] == "terminated"}
     lost = [v for v in opened if v[0] in healthy and v not in killed]
     gaps, longest = missed(watch.seen, healthy, a.interval, end)
@@ -292,6 +296,7 @@ async def measure(a: argparse.Namespace, fleet: list[TempCluster], tmp: Path) ->
         "sweeps_measured": int(sweeps),
         "cpu_s_measured": round(cpu, 2),
         "observed_cpu_share": round(cpu / (wall - out["all_swept_s"]), 4),
+        "worst_kills": worst,
         "victims": len(opened),
         "victims_not_killed_healthy": len(lost),
         "paused": len(paused),
@@ -359,6 +364,8 @@ def main() -> None:
          f"of {out['victims']}"],
     ]
     print(table(["figure", "value", "note"], rows))
+    print("latest kills (due, seconds after the faults; lateness s):",
+          ", ".join(f"{d:+.1f}: {x:.3f}" for d, x in out["worst_kills"]))
 
 
 if __name__ == "__main__":
