@@ -16,7 +16,7 @@ targets swept every 30 s; RSS (VmRSS) at start, after the first phase, at the en
 until every target was swept once; kill lateness on healthy targets (the audit record's
 ``ts`` minus ``state_change`` + 5 s) before and after the faults; sweeps missed on healthy
 targets: gaps longer than the interval between the ``pg_watchdog_last_sweep_timestamp_seconds``
-values seen by a scrape every 2 s (a scrape costs the watchdog CPU too: it is counted).
+values seen by a scrape every 5 s (a scrape costs the watchdog CPU too: it is counted).
 
     .venv/bin/python bench/fleet.py [--targets 100] [--interval 30] [--phase S] [--json]
 """
@@ -51,7 +51,7 @@ from watchdog.tempcluster import TempCluster, free_port, start_cluster
 
 THRESHOLD = 5.0
 VICTIM_PERIOD = 8.0  # seconds between two victims on one victim target (jittered)
-SCRAPE_EVERY = 2.0
+SCRAPE_EVERY = 5.0  # Prometheus scrapes every 15-30 s; each scrape costs the watchdog CPU
 _TICK = os.sysconf("SC_CLK_TCK")
 SETTINGS = {"shared_buffers": "8MB", "autovacuum": "off", "max_wal_size": "64MB",
             "log_min_messages": "warning"}
@@ -140,9 +140,11 @@ class Watch:
     port: int
     seen: dict[str, list[float]] = field(default_factory=dict)  # target -> distinct last-sweep
     sweeps: dict[str, float] = field(default_factory=dict)
+    load: list[tuple[float, float]] = field(default_factory=list)  # (time, 1-min load average)
 
     def poll(self) -> None:
         m = scrape(self.port)
+        self.load.append((time.time(), os.getloadavg()[0]))
         self.sweeps = m.get("pg_watchdog_sweeps_total", {})
         for target, ts in m.get("pg_watchdog_last_sweep_timestamp_seconds", {}).items():
             seen = self.seen.setdefault(target, [])
@@ -279,6 +281,8 @@ async def measure(a: argparse.Namespace, fleet: list[TempCluster], tmp: Path) ->
         daemon.send_signal(signal.SIGTERM)
         code = daemon.wait(60)
         err.close()
+    if a.keep_log:
+        a.keep_log.write_bytes((tmp / "daemon.log").read_bytes())
     records = [json.loads(x) for x in audit.read_text().splitlines() if x.strip()]
     before, after, worst = lateness(records, healthy, fault_at)
     killed = {(r["target"], r["pid"]) for r in records if r["outcome"] == "terminated"}
@@ -305,6 +309,8 @@ async def measure(a: argparse.Namespace, fleet: list[TempCluster], tmp: Path) ->
         "interval_s": a.interval,
         "phase_s": a.phase,
         "load_avg": [round(x, 1) for x in os.getloadavg()],
+        "load_max": round(max(x for _, x in watch.load), 1),
+        "fault_at": round(fault_at, 1),
     }
     return out
 
@@ -318,6 +324,7 @@ def main() -> None:
     p.add_argument("--major", type=int, default=15)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--keep-log", type=Path, help="copy the daemon's log here")
     a = p.parse_args()
     if a.phase is None:
         a.phase = min(max(1.2 * a.targets, 20.0), 120.0)
@@ -343,7 +350,7 @@ def main() -> None:
     print(f"{a.targets} clusters started in {setup_s:.0f} s; `pg-watchdog run` at interval "
           f"{a.interval:g} s, threshold {THRESHOLD:g} s; phases of {a.phase:g} s; "
           f"{out['paused']} SIGSTOPped + {out['stopped']} stopped after the first; "
-          f"load avg now {out['load_avg']}")
+          f"load avg now {out['load_avg']}, at most {out['load_max']} during the run")
     rows = [
         ["CPU per target-sweep", f"{out['cpu_ms_per_target_sweep']:.2f} ms",
          f"{out['sweeps_measured']} sweeps, {out['cpu_s_measured']} s CPU"],

@@ -140,10 +140,9 @@ class Metrics:
             self.interval,
             self.max_connections,
             self.slots,
+            self.alert_ratio,
         ):
-            metric.remove(target)
-        with contextlib.suppress(KeyError):
-            self.alert_ratio.remove(target)
+            metric.remove(target)  # a no-op for a series never written
         for state in states:
             self.connections.remove(target, state)
         for policy, outcome in self._acted.pop(target, set()):
@@ -191,8 +190,7 @@ class Metrics:
         if ratio is not None:
             self.alert_ratio.labels(target).set(ratio)
         else:
-            with contextlib.suppress(KeyError):
-                self.alert_ratio.remove(target)
+            self.alert_ratio.remove(target)
 
     def close(self) -> None:
         """Stop serving."""
