@@ -19,6 +19,7 @@ targets: gaps longer than the interval between the ``pg_watchdog_last_sweep_time
 values seen by a scrape every 5 s (a scrape costs the watchdog CPU too: it is counted).
 
     .venv/bin/python bench/fleet.py [--targets 100] [--interval 30] [--phase S] [--json]
+    .venv/bin/python bench/fleet.py --targets 20          # about a minute
 """
 
 from __future__ import annotations
