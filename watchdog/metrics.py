@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections import Counter as Tally
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OTHER = "other"  # sessions whose state pg_stat_activity does not show (NULL)
+# Created at 0 for every policy of a target, so the first failure is an increase() that
+# alert rules see (a series born at 1 has no earlier sample to compare with).
+ALWAYS_OUTCOMES = ("failed", "unconfirmed")
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0)
 
 
@@ -70,6 +74,24 @@ class Metrics:
             ["target", "state"],
             registry=r,
         )
+        self.last_sweep = Gauge(
+            "pg_watchdog_last_sweep_timestamp_seconds",
+            "Unix time at which the target's last sweep completed.",
+            ["target"],
+            registry=r,
+        )
+        self.interval = Gauge(
+            "pg_watchdog_interval_seconds",
+            "The target's configured interval: the longest wait between two sweeps.",
+            ["target"],
+            registry=r,
+        )
+        self.alert_ratio = Gauge(
+            "pg_watchdog_connections_alert_ratio",
+            "alerts.connections_above: the share of connection slots in use that alerts.",
+            ["target"],
+            registry=r,
+        )
         self.max_connections = Gauge(
             "pg_watchdog_max_connections", "The server's max_connections.", ["target"], registry=r
         )
@@ -109,10 +131,18 @@ class Metrics:
     def forget(self, target: str) -> None:
         """Drop every series of a target."""
         states = self._states.pop(target, set())
-        for metric in (self.sweeps, self.duration, self.up, self.leader):
-            metric.remove(target)
-        self.max_connections.remove(target)
-        self.slots.remove(target)
+        for metric in (
+            self.sweeps,
+            self.duration,
+            self.up,
+            self.leader,
+            self.last_sweep,
+            self.interval,
+            self.max_connections,
+            self.slots,
+            self.alert_ratio,
+        ):
+            metric.remove(target)  # a no-op for a series never written
         for state in states:
             self.connections.remove(target, state)
         for policy, outcome in self._acted.pop(target, set()):
@@ -126,8 +156,16 @@ class Metrics:
         target, snap = report.target, report.snapshot
         self.sweeps.labels(target).inc()
         self.duration.labels(target).observe(report.duration)
+        self.last_sweep.labels(target).set(time.time())
         self.leader.labels(target).set(1 if report.leader else 0)
         acted = self._acted.setdefault(target, set())
+        for policy in self.config.policies:
+            if policy.targets is not None and target not in policy.targets:
+                continue
+            for outcome in ALWAYS_OUTCOMES:
+                if (policy.name, outcome) not in acted:
+                    self.actions.labels(target, policy.name, outcome)
+                    acted.add((policy.name, outcome))
         for o in report.outcomes:
             self.actions.labels(target, o.action.policy, o.outcome).inc()
             acted.add((o.action.policy, o.outcome))
@@ -216,6 +254,13 @@ class Metrics:
         self._states.setdefault(target, set())
         self.up.labels(target).set(1 if up else 0)
         self.leader.labels(target).set(1 if leader else 0)
+        with contextlib.suppress(StopIteration):  # a target removed by a reload in between
+            self.interval.labels(target).set(self.config.target(target).interval)
+        ratio = self.config.alerts.connections_above
+        if ratio is not None:
+            self.alert_ratio.labels(target).set(ratio)
+        else:
+            self.alert_ratio.remove(target)
 
     def close(self) -> None:
         """Stop serving."""

@@ -20,6 +20,7 @@ from watchdog.config import Config, load_config
 from watchdog.connect import TargetError
 from watchdog.metrics import Metrics
 from watchdog.notify import Notifier
+from watchdog.resolver import Resolver
 from watchdog.runner import TargetRunner, sweep_timeout
 from watchdog.sweep import SweepReport
 from watchdog.yamlpos import ConfigError
@@ -336,4 +337,9 @@ async def run_service(config: Config, path: str, dry_run: bool = False) -> int:
     audit = AuditLog(config.audit.path)
     await asyncio.to_thread(audit.recover)
     await asyncio.to_thread(audit.check_writable)
-    return await Service(config, path, dry_run, audit).run()
+    resolver = Resolver()  # slow DNS of some targets must not stall the default executor
+    resolver.install(asyncio.get_running_loop())
+    try:
+        return await Service(config, path, dry_run, audit).run()
+    finally:
+        resolver.close()
