@@ -25,15 +25,18 @@ def write_config(
     audit: Path | None = None,
     extra: str = "",
     dsn: str | None = None,
+    pooler_dsn: str | None = None,
 ) -> Path:
-    """A policy file for one target on ``cluster``, acting on idle sessions of role app."""
+    """A policy file for one target on ``cluster``, acting on idle sessions of role app
+    (``pooler_dsn``: a PgBouncer in front of it, named pgb1)."""
     audit = audit or path.parent / "audit.jsonl"
+    poolers = f"\n    poolers: [{{name: pgb1, dsn: '{pooler_dsn}'}}]" if pooler_dsn else ""
     path.write_text(
         f"""
 targets:
   - name: main
     dsn: {dsn or cluster.dsn("watchdog")}
-    interval: {interval}
+    interval: {interval}{poolers}
 exclude:
   superusers: true
   applications: ["pg_dump*", "psql"]

@@ -14,9 +14,10 @@ from typing import Any
 
 import asyncpg
 from conftest import MakeCluster
-from daemon import Daemon, audit_records, backend_alive, setup_roles
+from daemon import Daemon, audit_records, backend_alive
 from helpers import connect, free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
+from scenario import setup_roles
 
 from watchdog.resolver import Resolver
 from watchdog.tempcluster import TempCluster

@@ -13,19 +13,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from daemon import Daemon, backend_alive, setup_roles, write_config
+from daemon import Daemon, backend_alive, write_config
 from helpers import connect, free_port, wait_for
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+from scenario import setup_roles
 
 from watchdog.tempcluster import TempCluster
+from watchdog.temppooler import start_pooler
 
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "monitoring" / "pg-watchdog.rules.yml"
 RULE_TESTS = REPO / "tests" / "promtool" / "pg-watchdog.rules.test.yml"
 DASHBOARD = REPO / "monitoring" / "grafana-dashboard.json"
-# Exported only with a pooler configured (see the pooler metrics); the rule is written ahead.
-NEEDS_POOLER = "pg_watchdog_pooler_"
 # Labels whose values are unbounded, or secrets: never on a metric.
 HIGH_CARDINALITY = {"pid", "query", "application_name", "usename", "client_addr", "backend_start"}
 
@@ -127,12 +127,16 @@ def scrape(port: int) -> list[Metric]:
 
 
 @pytest.fixture(scope="module")
-def exported(pg: TempCluster, tmp_path_factory: pytest.TempPathFactory) -> list[Metric]:
-    """The /metrics of a real `pg-watchdog run` that swept the cluster and killed a session."""
+def exported(pg: TempCluster, tmp_path_factory: pytest.TempPathFactory,
+             request: pytest.FixtureRequest) -> list[Metric]:
+    """The /metrics of a real `pg-watchdog run` that swept the cluster, with a real PgBouncer in
+    front of it, and killed a session."""
     setup_roles(pg)
     tmp = tmp_path_factory.mktemp("monitoring")
     port = free_port()
-    cfg = write_config(tmp / "p.yaml", pg, idle="1s", interval="1s",
+    pooler = start_pooler(pg)
+    request.addfinalizer(pooler.cleanup)
+    cfg = write_config(tmp / "p.yaml", pg, idle="1s", interval="1s", pooler_dsn=pooler.dsn(),
                        extra=f"metrics:\n  listen: 127.0.0.1:{port}\n")
 
     async def run() -> list[Metric]:
@@ -178,7 +182,7 @@ def test_dashboard_names_only_exported_metrics(exported: list[Metric]) -> None:
 def test_rules_name_only_exported_metrics(exported: list[Metric]) -> None:
     names = {s.name for f in exported for s in f.samples}
     used = set().union(*(metric_names(e) for e in rule_exprs().values()))
-    missing = {n for n in used - names if not n.startswith(NEEDS_POOLER)}
+    missing = used - names
     assert not missing, f"not exported: {sorted(missing)}"
 
 
