@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from helpers import connect, wait_for
 
+from watchdog import queries
 from watchdog.config import load_config
 from watchdog.service import Service
 from watchdog.tempcluster import TempCluster
@@ -83,10 +84,12 @@ async def _first_sweep_done(pg: TempCluster) -> None:
     try:
 
         async def swept() -> bool:
+            # The statement's head: pg_stat_activity keeps only track_activity_query_size bytes.
             return bool(
                 await admin.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg-watchdog'"
-                    " AND state = 'idle' AND query LIKE '%pg_stat_activity%'"
+                    " AND state = 'idle' AND left(query, 120) = left($1, 120)",
+                    queries.SNAPSHOT,
                 )
             )
 
