@@ -314,7 +314,8 @@ async def test_young_session_crosses_its_threshold_later(
     pg: TempCluster, admin: asyncpg.Connection, tmp_path: Path
 ) -> None:
     """The young session of the scenario is spared only because it is young."""
-    config = policy_file(tmp_path, pg, idle="1s")
+    # 4 s: the first `once` must look before it crosses, even on a loaded machine.
+    config = policy_file(tmp_path, pg, idle="4s")
     conn = await idle_app_session(pg, "billing-api")
     try:
         first = await _once(config)
@@ -325,10 +326,10 @@ async def test_young_session_crosses_its_threshold_later(
 
         async def due() -> bool:
             return (await admin.fetchval(
-                "SELECT now() - state_change > interval '1.05 s' FROM pg_stat_activity"
+                "SELECT now() - state_change > interval '4.05 s' FROM pg_stat_activity"
                 " WHERE pid = $1", pid)) is True
 
-        await wait_for(due, 5, what="the session to pass 1s idle")
+        await wait_for(due, 10, what="the session to pass 4s idle")
         second = await _once(config)
         assert [r["pid"] for r in second["records"]] == [pid]
         assert not await is_alive(conn)
