@@ -276,6 +276,21 @@ class TempCluster:
         _LIVE.discard(self)
 
 
+def _start_on_a_free_port(cluster: TempCluster) -> None:
+    """Start ``cluster`` on its port, or on another if that one was taken since free_port()."""
+    conf_path = cluster.datadir / "postgresql.conf"
+    for attempt in range(3):
+        with conf_path.open("a") as f:
+            f.write(f"port = {cluster.port}\n")  # the last setting of a name wins
+        try:
+            cluster.start()
+            return
+        except ClusterError as exc:
+            if attempt == 2 or "could not create any TCP/IP sockets" not in str(exc):
+                raise
+            cluster.port = free_port()
+
+
 def start_cluster(major: int, *, max_connections: int = 30,
                   settings: Mapping[str, str] | None = None,
                   base_dir: Path | None = None) -> TempCluster:
@@ -306,17 +321,8 @@ def start_cluster(major: int, *, max_connections: int = 30,
                 **(settings or {})}
         with conf_path.open("a") as f:
             f.writelines(f"{key} = {value}\n" for key, value in conf.items())
-        for attempt in range(3):
-            with conf_path.open("a") as f:
-                f.write(f"port = {cluster.port}\n")  # the last setting of a name wins
-            try:
-                cluster.start()
-                return cluster
-            except ClusterError as exc:  # port taken since free_port(): try another one
-                if attempt == 2 or "could not create any TCP/IP sockets" not in str(exc):
-                    raise
-                cluster.port = free_port()
-        raise AssertionError("unreachable")
+        _start_on_a_free_port(cluster)
+        return cluster
     except BaseException as exc:
         cluster.cleanup()
         if isinstance(exc, ClusterError) or not isinstance(exc, Exception):
@@ -359,17 +365,8 @@ def start_standby(primary: TempCluster, base_dir: Path | None = None) -> TempClu
                                f"{primary.port} failed: {_one_line(res.stderr or res.stdout)}")
         with conf_path.open("a") as f:
             f.write(f"hot_standby = on\nunix_socket_directories = '{standby.datadir}'\n")
-        for attempt in range(3):
-            with conf_path.open("a") as f:
-                f.write(f"port = {standby.port}\n")  # the last setting of a name wins
-            try:
-                standby.start()
-                return standby
-            except ClusterError as exc:  # port taken since free_port(): try another one
-                if attempt == 2 or "could not create any TCP/IP sockets" not in str(exc):
-                    raise
-                standby.port = free_port()
-        raise AssertionError("unreachable")
+        _start_on_a_free_port(standby)
+        return standby
     except BaseException as exc:
         standby.cleanup()
         if isinstance(exc, ClusterError) or not isinstance(exc, Exception):
