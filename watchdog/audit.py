@@ -43,7 +43,7 @@ def iso(ts: datetime | None) -> str | None:
 
 def make_record(
     o: Outcome, *, server: str, sweep: str, query_mode: str, ts: datetime | None = None
-    ) -> Record:
+) -> Record:
     """The audit record of one outcome, with every field the README's audit log section lists."""
     a, s = o.action, o.action.session
     query = s.query
