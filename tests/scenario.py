@@ -34,6 +34,7 @@ AUDIT_FIELDS = (
     "usename", "datname", "application_name", "client_addr", "state", "state_change",
     "xact_start", "query_start", "age_s", "query", "server", "watchdog_host",
     "pooler", "pooler_client",  # null unless the backend is held by a PgBouncer of the target
+    "blocking", "xmin_age", "watchdog_pid", "sweep",
 )
 ISO_MS_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 # Processes that live as long as the server: they must all survive every sweep.
