@@ -60,7 +60,9 @@ async def sweep_target(
     report = SweepReport(target.name, server, snapshot, decision, leader, poolers=pooled)
     # Records held back by a failed write go out as soon as the log takes them again,
     # not only when another action comes; AuditError (nothing signalled) while it fails.
-    await asyncio.to_thread(audit.flush_backlog)
+    # Most sweeps have none: no thread hop for them (flush_backlog checks again, locked).
+    if audit.backlog:
+        await asyncio.to_thread(audit.flush_backlog)
     if not leader or not decision.actions:
         report.duration = time.monotonic() - started
         return report
