@@ -67,7 +67,8 @@ class TempPooler:
                    cwd=self.basedir)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError, ValueError):
+            # IndexError: PgBouncer has created its pid file but not written it yet.
+            with contextlib.suppress(OSError, ValueError, IndexError):
                 pid = int(pidfile.read_text().split()[0])
                 if _alive(pid) and _accepts(self.port):
                     self._pid = pid
