@@ -365,7 +365,8 @@ def test_global_exclude_defaults_when_keys_omitted(tmp_path: Path) -> None:
         with_policy("    state: idle\n    longer_than: 10m\n") + "exclude:\n  users: [bob]\n",
     )
     assert cfg.exclude == Exclusions(
-        superusers=True, users=("bob",), listeners=True, pooled=True
+        superusers=True, users=("bob",), listeners=True, pooled=True,
+        member_of=("rds_superuser", "azure_pg_admin", "cloudsqlsuperuser"),
     )
 
 
@@ -373,9 +374,18 @@ def test_global_exclude_can_be_switched_off(tmp_path: Path) -> None:
     cfg = load(
         tmp_path,
         with_policy("    state: idle\n    longer_than: 10m\n")
-        + "exclude:\n  superusers: false\n  listeners: false\n  pooled: false\n",
+        + "exclude:\n  superusers: false\n  listeners: false\n  pooled: false\n"
+        + "  member_of: []\n",
     )
     assert cfg.exclude == Exclusions()
+
+
+def test_policy_exclude_adds_no_provider_roles_of_its_own(tmp_path: Path) -> None:
+    # The providers' admin roles are a global default; a policy's exclude only adds.
+    cfg = load(tmp_path, with_policy("    state: idle\n    longer_than: 10m\n"
+                                     "    exclude: {users: [bob]}\n"))
+    assert cfg.policies[0].exclude.member_of == ()
+    assert cfg.exclude.member_of == ("rds_superuser", "azure_pg_admin", "cloudsqlsuperuser")
 
 
 @pytest.mark.parametrize(("text", "fraction"), [("90%", 0.9), ("12.5%", 0.125), ("100%", 1.0)])

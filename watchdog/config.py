@@ -45,6 +45,9 @@ ACTIONS = ("terminate", "cancel")
 MEASURED_FROM = ("state_change", "xact_start", "query_start", "backend_start")
 AUDIT_QUERY = ("full", "truncate", "omit")
 DEFAULT_CONFIG = "/etc/pg-watchdog/policies.yaml"
+# The managed services' admin roles: their members are the DBAs there, and no superusers.
+# Spared unless exclude.member_of says otherwise, as superusers are unless it says false.
+PROVIDER_ADMIN_ROLES = ("rds_superuser", "azure_pg_admin", "cloudsqlsuperuser")
 MIN_INTERVAL = 0.25
 
 
@@ -133,7 +136,9 @@ class Config:
     source: str
     targets: tuple[Target, ...]
     policies: tuple[Policy, ...]
-    exclude: Exclusions = Exclusions(superusers=True, listeners=True, pooled=True)
+    exclude: Exclusions = Exclusions(
+        superusers=True, listeners=True, pooled=True, member_of=PROVIDER_ADMIN_ROLES
+    )
     dry_run: bool = False
     limits: Limits = Limits()
     audit: AuditConfig = AuditConfig()
@@ -203,7 +208,7 @@ def _exclusions(node: YNode, defaults: Exclusions) -> Exclusions:
         databases=opt(f, "databases", str_list, ()),
         client_addrs=opt(f, "client_addrs", cidr_list, ()),
         listeners=opt(f, "listeners", boolean, defaults.listeners),
-        member_of=opt(f, "member_of", _role_list, ()),
+        member_of=opt(f, "member_of", _role_list, defaults.member_of),
         pooled=opt(f, "pooled", boolean, defaults.pooled),
     )
 
