@@ -52,7 +52,7 @@ _QUERY_PASSWORD = re.compile(r"(?:^|&)password=([^&]*)")
 _USERINFO_PASSWORD = re.compile(r"^[^:/]+://[^:@/]*:([^@/]*)@")
 
 
-def _dsn_passwords(dsn: str) -> list[str]:
+def dsn_passwords(dsn: str) -> list[str]:
     """The DSN's passwords in every form a message could show them: as written and decoded,
     from a URI's userinfo or ``?password=`` parameter, or a key=value string's ``password``."""
     written = conninfo.passwords(dsn)
@@ -89,8 +89,8 @@ def read_password(target: Target) -> str | None:
 
 def secrets_of(target: Target) -> list[str]:
     """Every secret string of a target, to scrub from any text shown to anyone."""
-    found: list[str | None] = [*_dsn_passwords(target.dsn)]
-    found += [pw for pooler in target.poolers for pw in _dsn_passwords(pooler.dsn)]
+    found: list[str | None] = [*dsn_passwords(target.dsn)]
+    found += [pw for pooler in target.poolers for pw in dsn_passwords(pooler.dsn)]
     with contextlib.suppress(TargetError):
         found.append(read_password(target))
     return [s for s in found if s]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from watchdog.config import PoolerConfig, Target
-from watchdog.connect import _dsn_passwords, scrub
+from watchdog.connect import dsn_passwords, scrub
 from watchdog.pooler import (
     CONNECT_TIMEOUT,
     READ_TIMEOUT,
@@ -53,7 +53,7 @@ def describe_pooler_error(target: str, pooler: PoolerConfig, exc: BaseException)
         # libpq's messages run over several lines; the first one says what happened.
         lines = str(exc).strip().splitlines()
         reason = lines[0].strip() if lines else type(exc).__name__
-    return scrub(f"{target}: pooler {pooler.name}: {reason}", _dsn_passwords(pooler.dsn))
+    return scrub(f"{target}: pooler {pooler.name}: {reason}", dsn_passwords(pooler.dsn))
 
 
 class _Held:
