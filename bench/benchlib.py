@@ -16,8 +16,10 @@ import resource
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -196,3 +198,35 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# The seed policies, nothing due, for the sweep-cost benches ({poolers}: a target's poolers line).
+SEED_POLICY = """
+targets:
+  - name: bench
+    dsn: {dsn}
+{poolers}
+exclude:
+  superusers: true
+  applications: ["pg_dump*", "pg_basebackup", "psql"]
+  listeners: true
+policies:
+  - name: idle
+    state: idle
+    longer_than: 10m
+  - name: idle-in-transaction
+    state: [idle in transaction, idle in transaction (aborted)]
+    longer_than: 5m
+audit:
+  path: {audit}
+"""
+
+
+async def samples_ms(fn: Callable[[], Awaitable[Any]], runs: int) -> list[float]:
+    """Wall time of ``runs`` calls of ``fn``, each in milliseconds."""
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        await fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return times

@@ -19,11 +19,19 @@ import argparse
 import asyncio
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from benchlib import Holder, machine, median, raise_nofile, setup_roles, table
+from benchlib import (
+    SEED_POLICY,
+    Holder,
+    machine,
+    median,
+    raise_nofile,
+    samples_ms,
+    setup_roles,
+    table,
+)
 
 from watchdog.audit import AuditLog
 from watchdog.config import load_config
@@ -35,41 +43,12 @@ from watchdog.sweep import sweep_target
 from watchdog.tempcluster import start_cluster
 from watchdog.temppooler import start_pooler
 
-POLICY = """
-targets:
-  - name: bench
-    dsn: {dsn}
-{poolers}
-exclude:
-  superusers: true
-  applications: ["pg_dump*", "pg_basebackup", "psql"]
-  listeners: true
-policies:
-  - name: idle
-    state: idle
-    longer_than: 10m
-  - name: idle-in-transaction
-    state: [idle in transaction, idle in transaction (aborted)]
-    longer_than: 5m
-audit:
-  path: {audit}
-"""
-
-
-async def _samples_ms(fn: Callable[[], Awaitable[Any]], runs: int) -> list[float]:
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        await fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return times
-
 
 async def measure(dsn: str, pooler_dsn: str, tmp: Path, runs: int) -> dict[str, Any]:
     plain, pooled = tmp / "plain.yaml", tmp / "pooled.yaml"
     audit = tmp / "audit.jsonl"
-    plain.write_text(POLICY.format(dsn=dsn, poolers="", audit=audit))
-    pooled.write_text(POLICY.format(
+    plain.write_text(SEED_POLICY.format(dsn=dsn, poolers="", audit=audit))
+    pooled.write_text(SEED_POLICY.format(
         dsn=dsn, audit=audit,
         poolers=f"    poolers: [{{name: pgb1, dsn: '{pooler_dsn}'}}]"))
     config, config_p = load_config(str(plain)), load_config(str(pooled))
@@ -109,7 +88,7 @@ async def measure(dsn: str, pooler_dsn: str, tmp: Path, runs: int) -> dict[str, 
         rounds = 5  # interleaved, so drift on the machine hits every measurement alike
         for _ in range(rounds):
             for name, fn in zip(names, fns, strict=True):
-                results[name] += await _samples_ms(fn, runs // rounds)
+                results[name] += await samples_ms(fn, runs // rounds)
         report = await sweep_pooled()
         return {
             "backends": snapshot.used,

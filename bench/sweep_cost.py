@@ -24,11 +24,19 @@ import io
 import pstats
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from benchlib import Holder, machine, median, raise_nofile, setup_roles, table
+from benchlib import (
+    SEED_POLICY,
+    Holder,
+    machine,
+    median,
+    raise_nofile,
+    samples_ms,
+    setup_roles,
+    table,
+)
 
 from watchdog import queries
 from watchdog.audit import AuditLog
@@ -39,40 +47,12 @@ from watchdog.snapshot import sessions_from_rows, take_snapshot
 from watchdog.sweep import sweep_target
 from watchdog.tempcluster import start_cluster
 
-POLICY = """
-targets:
-  - name: bench
-    dsn: {dsn}
-exclude:
-  superusers: true
-  applications: ["pg_dump*", "pg_basebackup", "psql"]
-  listeners: true
-policies:
-  - name: idle
-    state: idle
-    longer_than: 10m
-  - name: idle-in-transaction
-    state: [idle in transaction, idle in transaction (aborted)]
-    longer_than: 5m
-audit:
-  path: {audit}
-"""
-
-
-async def _samples_ms(fn: Callable[[], Awaitable[Any]], runs: int) -> list[float]:
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        await fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return times
-
 
 async def measure(
     dsn_postgres: str, dsn: str, tmp: Path, runs: int, profile: bool
 ) -> dict[str, Any]:
     path = tmp / "policies.yaml"
-    path.write_text(POLICY.format(dsn=dsn, audit=tmp / "audit.jsonl"))
+    path.write_text(SEED_POLICY.format(dsn=dsn, poolers="", audit=tmp / "audit.jsonl"))
     config = load_config(str(path))
     target = config.targets[0]
     audit = AuditLog(config.audit.path)
@@ -100,10 +80,10 @@ async def measure(
         results: dict[str, list[float]] = {n: [] for n in ("bare", "snapshot", "decide", "sweep")}
         rounds = 5  # interleave, so drift on the machine hits every measurement alike
         for _ in range(rounds):
-            results["bare"] += await _samples_ms(bare, runs // rounds)
-            results["snapshot"] += await _samples_ms(snapshot, runs // rounds)
-            results["decide"] += await _samples_ms(snap_decide, runs // rounds)
-            results["sweep"] += await _samples_ms(sweep, runs // rounds)
+            results["bare"] += await samples_ms(bare, runs // rounds)
+            results["snapshot"] += await samples_ms(snapshot, runs // rounds)
+            results["decide"] += await samples_ms(snap_decide, runs // rounds)
+            results["sweep"] += await samples_ms(sweep, runs // rounds)
         rows = len(await bare())
         # Where the time goes, outside the server: decoding vs building Sessions vs deciding.
         raw = await conn.fetch(queries.SNAPSHOT, [])
