@@ -135,7 +135,7 @@ async def test_quiet_server_with_sensible_settings_has_no_findings(
     quiet = make_cluster(pg.major, settings=settings)
     setup_roles(quiet)
     _roles(quiet)
-    config = policy_file(tmp_path, quiet)
+    config = policy_file(tmp_path, quiet, idle="1h")  # the sweep below must act on nobody
     idle = [await connect(quiet, "good", "good-app") for _ in range(3)]
     try:
         for conn in idle:
@@ -164,3 +164,35 @@ async def test_bad_arguments_and_config_exit_2(pg: TempCluster, tmp_path: Path) 
     bad.write_text("targets: []\npolicies: []\n")
     res = await run_cli("advise", "-c", bad)
     assert res.rc == 2 and len(res.stderr.splitlines()) == 1, res.stderr
+
+
+async def test_a_dry_run_then_the_real_kill_of_the_same_sessions_count_once(
+    pg: TempCluster, tmp_path: Path
+) -> None:
+    setup_roles(pg)
+    _roles(pg)
+    audit = tmp_path / "audit.jsonl"
+    config = policy_file(tmp_path, pg, idle="500ms", idle_in_transaction="1h")
+    idle = [await connect(pg, "leaky", "leaky-app") for _ in range(8)]
+    try:
+        for conn in idle:
+            await conn.execute("SELECT 1")
+        await asyncio.sleep(0.6)  # past the threshold: no new statement may come
+        dry = await run_cli("once", "-c", config, "--dry-run")
+        assert dry.rc == 0, dry.stderr
+        assert [r["outcome"] for r in read_audit(audit)] == ["would_terminate"] * 8
+        real = await run_cli("once", "-c", config)
+        assert real.rc == 0, real.stderr
+        records = read_audit(audit)
+        assert sorted(r["outcome"] for r in records) == ["terminated"] * 8 + ["would_terminate"] * 8
+        assert len({(r["pid"], r["backend_start"]) for r in records}) == 8
+    finally:
+        for conn in idle:
+            conn.terminate()
+    doc = await _advise(config)
+    [leak] = _by_id(doc, "leak")
+    assert leak["evidence"][0].startswith("8 kills from "), leak
+    assert "8 of the 8 kills on main" in leak["evidence"][0], leak
+    assert any(e.startswith("8 more records of the same sessions counted once: a kill is one"
+                            " session (pid and backend_start)") for e in leak["evidence"]), leak
+    assert "16" not in json.dumps(leak), leak

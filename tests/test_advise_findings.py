@@ -12,12 +12,16 @@ from typing import Any
 
 import pytest
 
-from watchdog.advise import Finding, Window, analyse, nice_value
-from watchdog.advise_look import LiveSession, Look, pg_ms
+from watchdog.advise.analyse import analyse
+from watchdog.advise.findings import Finding, Window, nice_value
+from watchdog.advise.look import LiveSession, Look, pg_ms
 from watchdog.config import Config, Limits, Policy, Target
+from watchdog.prepared import PreparedXact
 
 NOW = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
 IIT = "idle in transaction"
+# Some of the keywords PostgreSQL 18's quote_ident() quotes (the real-server tests read all).
+KEYWORDS = frozenset({"all", "current_user", "session_user", "user", "select", "table"})
 
 
 def config(*policies: Policy, dry_run: bool = False, max_per_sweep: int = 50) -> Config:
@@ -33,14 +37,25 @@ def config(*policies: Policy, dry_run: bool = False, max_per_sweep: int = 50) ->
     )
 
 
+def iso(when: datetime) -> str:
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def rec(i: int = 0, *, user: str = "leaky", app: str = "leaky-app", state: str = IIT,
         policy: str = "idle-in-transaction", outcome: str = "terminated", age: float = 42.0,
         action: str = "terminate", ago: float = 60.0, sweep: str | None = None,
-        **extra: Any) -> dict[str, Any]:
-    ts = (NOW - timedelta(seconds=ago + i)).isoformat().replace("+00:00", "Z")
-    return {"ts": ts, "target": "main", "policy": policy, "action": action, "outcome": outcome,
+        in_xact_before: float = 0.0, **extra: Any) -> dict[str, Any]:
+    """A record as `once` writes it: measured from state_change (``age`` seconds in ``state``),
+    its transaction begun ``in_xact_before`` seconds before that state began."""
+    acted = NOW - timedelta(seconds=ago + i)
+    changed = acted - timedelta(seconds=age)
+    in_xact = state != "idle"
+    return {"ts": iso(acted), "target": "main", "policy": policy, "action": action,
+            "outcome": outcome, "pid": 1000 + i, "backend_start": iso(changed - timedelta(hours=1)),
             "usename": user, "datname": "app", "application_name": app,
-            "client_addr": f"10.0.0.{i % 3 + 1}", "state": state, "age_s": age,
+            "client_addr": f"10.0.0.{i % 3 + 1}", "state": state, "state_change": iso(changed),
+            "xact_start": iso(changed - timedelta(seconds=in_xact_before)) if in_xact else None,
+            "query_start": iso(changed), "age_s": age,
             "sweep": sweep or f"s{i}", "dry_run": outcome.startswith("would_"), **extra}
 
 
@@ -49,9 +64,11 @@ def look(version: int = 180000, **kw: Any) -> Look:
                 "reserved_connections": "3", "idle_in_transaction_session_timeout": "0",
                 "statement_timeout": "0", "idle_session_timeout": "0", "work_mem": "4096",
                 "server_version_num": str(version)}
+    if version >= 170000:
+        settings["transaction_timeout"] = "0"
     settings.update(kw.pop("settings", {}))
     base = Look("main", settings, {k: "ms" for k in settings if "timeout" in k}, {}, (), (),
-                role="watchdog", use_reserved=True, peak_used=10)
+                KEYWORDS, role="watchdog", use_reserved=True, peak_used=10)
     return replace(base, **kw)
 
 
@@ -103,10 +120,14 @@ def test_timeout_already_set_for_the_role_or_database_gives_no_timeout_finding()
     assert "idle_in_transaction_timeout" not in ids(found)
 
 
-def test_role_names_are_quoted_in_the_sql() -> None:
-    found = run([rec(i, user='Leaky "App"') for i in range(10)])
+@pytest.mark.parametrize(("role", "quoted"), [
+    ('Leaky "App"', '"Leaky ""App"""'), ("all", '"all"'), ("current_user", '"current_user"'),
+    ("user$1", '"user$1"'), ("leaky_2", "leaky_2"),
+])
+def test_role_names_are_quoted_in_the_sql(role: str, quoted: str) -> None:
+    found = run([rec(i, user=role) for i in range(10)])
     [iit] = [f for f in found if f.id == "idle_in_transaction_timeout"]
-    assert iit.fix[0].startswith('ALTER ROLE "Leaky ""App""" SET')
+    assert iit.fix[0].startswith(f"ALTER ROLE {quoted} SET"), iit.fix
 
 
 def test_statement_timeout_for_a_role_whose_queries_are_cancelled() -> None:
@@ -162,14 +183,20 @@ def test_on_15_capacity_says_the_held_connection_keeps_the_watchdog_in() -> None
 
 
 def test_reserved_connections() -> None:
-    [r] = run([], look(settings={"reserved_connections": "0"}))
-    assert r.fix == ("ALTER SYSTEM SET reserved_connections = 3;  -- then restart",
-                     "GRANT pg_use_reserved_connections TO watchdog;")
+    [r] = run([], look(settings={"reserved_connections": "0"}, use_reserved=False))
+    assert r.fix == ("GRANT pg_use_reserved_connections TO watchdog;",
+                     "ALTER SYSTEM SET reserved_connections = 3;  -- then restart")
+    assert r.evidence == ("reserved_connections is 0 (not set); watchdog cannot use them (no"
+                          " pg_use_reserved_connections): a reconnect to a full server fails",)
     [r] = run([], look(use_reserved=False))
     assert r.fix == ("GRANT pg_use_reserved_connections TO watchdog;",)
-    assert run([], look(settings={"reserved_connections": "0"}, rolsuper=True))[0].fix == (
-        "ALTER SYSTEM SET reserved_connections = 3;  -- then restart",)
+    [r] = run([], look(settings={"reserved_connections": "0"}, use_reserved=True))
+    assert r.fix == ("ALTER SYSTEM SET reserved_connections = 3;  -- then restart",)
+    # A superuser watchdog gets in through superuser_reserved_connections, as check says.
+    assert run([], look(settings={"reserved_connections": "0"}, rolsuper=True)) == []
     assert run([], look(version=150000, settings={"reserved_connections": "0"})) == []
+    [r] = run([], look(use_reserved=False, role="all"))
+    assert r.fix == ('GRANT pg_use_reserved_connections TO "all";',)
 
 
 def test_policy_unused_needs_a_day_and_other_policies_acting() -> None:
@@ -209,3 +236,115 @@ def test_pg_ms(text: str, ms: float | None) -> None:
                                                (300, "5min"), (125, "3min")])
 def test_nice_value(seconds: float, text: str) -> None:
     assert nice_value(seconds) == text
+
+
+# -- each session counted once (issue 24) ------------------------------------------------
+
+
+def test_a_dry_run_and_the_real_kill_of_one_session_count_once() -> None:
+    dry = [rec(i, outcome="would_terminate", age=40, ago=61, sweep="dry") for i in range(8)]
+    real = [rec(i, age=41, sweep="real") for i in range(8)]
+    [leak] = [f for f in run(dry + real) if f.id == "leak"]
+    assert "8 kills" in leak.evidence[0] and "8 of the 8 kills" in leak.evidence[0], leak
+    assert any("8 more records of the same sessions counted once" in e for e in leak.evidence)
+    [iit] = [f for f in run(dry + real) if f.id == "idle_in_transaction_timeout"]
+    assert "8 kills" in iit.evidence[0], iit
+    # A dry run repeating its would_* record every sweep is still one session each.
+    repeated = [rec(i, outcome="would_terminate", sweep=f"d{k}")
+                for k in range(3) for i in range(6)]
+    [leak] = [f for f in run(repeated) if f.id == "leak"]
+    assert "6 kills" in leak.evidence[0], leak
+
+
+def test_cancels_of_one_session_count_once_per_query() -> None:
+    cancel = Policy("long-query", frozenset({"active"}), 300.0, action="cancel")
+
+    def query(n: int, outcome: str) -> dict[str, Any]:
+        r = rec(0, user="report", app="metabase", state="active", policy="long-query",
+                action="cancel", outcome=outcome, age=400, ago=60 + 1000 * n)
+        return r | {"backend_start": "2026-11-25T08:00:00.000Z"}  # one session, 6 queries
+
+    records = [query(n, o) for n in range(6) for o in ("would_cancel", "cancelled")]
+    [st] = [f for f in run(records, cfg=config(cancel), start=86400) if f.id == "statement_timeout"]
+    assert "6 kills" in st.evidence[0], st
+
+
+# -- timeouts only where they would have acted; transaction_timeout (issue 18) -------------
+
+LONG_XACT = Policy("long-xact", frozenset({IIT, "active"}), 30.0, measured_from="xact_start")
+
+
+def busy_transactions(n: int = 8, user: str = "leaky") -> list[dict[str, Any]]:
+    """Kills by a policy measured from xact_start of sessions that kept sending small queries:
+    42 s into their transactions, only 0.1 s idle when killed."""
+    return [rec(i, user=user, policy="long-xact", age=0.1, in_xact_before=41.9, age_s=42.0)
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("version", [150000, 160000, 170000, 180000])
+def test_no_idle_in_transaction_timeout_where_the_sessions_never_idled_that_long(
+    version: int,
+) -> None:
+    found = run(busy_transactions(), look(version), config(LONG_XACT))
+    assert "idle_in_transaction_timeout" not in ids(found), found
+    assert not any("idle_in_transaction_session_timeout" in x for f in found for x in f.fix)
+
+
+def test_idle_in_transaction_timeout_still_advised_for_transactions_that_just_sat_idle() -> None:
+    # Measured from xact_start too, but the transaction did nothing after its first statement.
+    records = [rec(i, policy="long-xact", age=42, in_xact_before=0.002) for i in range(8)]
+    found = run(records, cfg=config(LONG_XACT))
+    [iit] = [f for f in found if f.id == "idle_in_transaction_timeout"]
+    assert iit.fix[0] == "ALTER ROLE leaky SET idle_in_transaction_session_timeout = '30s';"
+    assert "transaction_timeout" not in ids(found)
+
+
+@pytest.mark.parametrize("version", [170000, 180000])
+def test_transaction_timeout_on_17_and_later(version: int) -> None:
+    found = run(busy_transactions(user="all"), look(version), config(LONG_XACT))
+    [tt] = [f for f in found if f.id == "transaction_timeout"]
+    assert tt.fix[0] == "ALTER ROLE \"all\" SET transaction_timeout = '30s';"
+    assert "transaction age at kill: typical 42s" in tt.evidence[1], tt.evidence
+    assert any("Prepared transactions" in x and "exempt" in x for x in tt.fix)
+    assert any("never server-wide" in x for x in tt.fix)
+    already = look(version, role_settings={("all", None): {"transaction_timeout": "1min"}})
+    assert "transaction_timeout" not in ids(run(busy_transactions(user="all"), already,
+                                                config(LONG_XACT)))
+
+
+@pytest.mark.parametrize("version", [150000, 160000])
+def test_before_17_a_policy_measured_from_xact_start_stands_in(version: int) -> None:
+    role = 'app "x"\n- evil'
+    found = run(busy_transactions(user=role), look(version), config(LONG_XACT))
+    [tt] = [f for f in found if f.id == "transaction_timeout"]
+    assert not any("ALTER ROLE" in x for x in tt.fix), tt.fix
+    assert f"PostgreSQL {version // 10000} has no transaction_timeout" in tt.fix[0]
+    snippet = "\n".join(x for x in tt.fix if x.startswith("  "))
+    import yaml
+    [policy] = yaml.safe_load(snippet)
+    assert policy["users"] == [role] and policy["measured_from"] == "xact_start"
+    assert policy["longer_than"] == "30s"
+    assert any("long-xact already measures from xact_start" in x for x in tt.fix)
+
+
+def test_short_transactions_idle_for_long_are_no_transaction_timeout_finding() -> None:
+    found = run([rec(i, age=42) for i in range(8)])
+    assert "transaction_timeout" not in ids(found)
+
+
+# -- stale prepared transactions (issue 18) --------------------------------------------------
+
+
+def prepared(gid: str, age: float) -> PreparedXact:
+    return PreparedXact(gid, NOW - timedelta(seconds=age), "app", "orders db", "1234", 99, age)
+
+
+def test_stale_prepared_transaction_with_the_statement_to_review() -> None:
+    lk = look(prepared=(prepared("it's \\ odd", 7200), prepared("young", 60)))
+    [sp] = run([], lk)
+    assert sp.id == "stale_prepared" and sp.severity == "high"
+    assert "  ROLLBACK PREPARED E'it''s \\\\ odd';" in sp.fix
+    assert any('connected to database "orders db" as app' in x for x in sp.fix)
+    assert "2h00m ago" in sp.evidence[0]
+    cfg = replace(config(), alerts=replace(config().alerts, prepared_older_than=30.0))
+    assert len(run([], lk, cfg)) == 2

@@ -66,7 +66,8 @@ def test_least_privilege_role_passes_every_check(
     assert "ok    can signal sessions (pg_signal_backend)" in lines
     assert any("pg_read_all_stats" in line for line in lines)
     if pg.major >= 16:
-        assert any("can use the 2 reserved_connections" in line for line in lines)
+        assert ("ok    reserved_connections = 2; watchdog may use them"
+                " (pg_use_reserved_connections)") in lines
     else:
         assert any("reserves slots for superusers only" in line for line in lines)
     assert any(line.startswith("ok    headroom ") for line in lines)
@@ -112,7 +113,8 @@ def test_superusers_not_excluded_is_a_warning_not_a_failure(
 
 
 def test_reserved_connections_gaps_are_warnings(pg: TempCluster, tmp_path: Path) -> None:
-    # The module's cluster has reserved_connections = 0 (its default).
+    # The module's cluster has reserved_connections = 0 (its default). Each line says both
+    # whether reserved_connections is set and whether the role may use it, on 16, 17 and 18.
     pg.psql("CREATE ROLE wd_noreserve LOGIN; GRANT pg_monitor, pg_signal_backend TO wd_noreserve;")
     code, lines, _ = check(tmp_path, pg.dsn("wd_noreserve"))
     assert code == 0, lines
@@ -120,13 +122,56 @@ def test_reserved_connections_gaps_are_warnings(pg: TempCluster, tmp_path: Path)
         assert levels(lines) == {"ok"}
         return
     assert (
-        "warn  cannot use reserved connections, so a reconnect to a full server fails:"
-        " GRANT pg_use_reserved_connections TO wd_noreserve;" in lines
-    )
+        "warn  reserved_connections is 0 (not set); wd_noreserve cannot use them (no"
+        " pg_use_reserved_connections): a reconnect to a full server fails:"
+        " GRANT pg_use_reserved_connections TO wd_noreserve;"
+        " ALTER SYSTEM SET reserved_connections = 3;  -- then restart" in lines
+    ), lines
     pg.psql("GRANT pg_use_reserved_connections TO wd_noreserve;")
     code, lines, _ = check(tmp_path, pg.dsn("wd_noreserve"))
     assert code == 0, lines
-    assert any(line.startswith("warn  reserved_connections is 0") for line in lines)
+    assert (
+        "warn  reserved_connections is 0 (not set); wd_noreserve may use them"
+        " (pg_use_reserved_connections): a reconnect to a full server fails:"
+        " ALTER SYSTEM SET reserved_connections = 3;  -- then restart" in lines
+    ), lines
+
+
+def test_reserved_connections_set_but_not_granted(
+    pg: TempCluster, make_cluster: MakeCluster, tmp_path: Path
+) -> None:
+    if pg.major < 16:
+        return  # no reserved_connections before 16: the test above covers 15
+    server = make_cluster(pg.major, settings={"reserved_connections": "2"})
+    server.psql("CREATE ROLE watchdog LOGIN; GRANT pg_monitor, pg_signal_backend TO watchdog;")
+    code, lines, _ = check(tmp_path, server.dsn("watchdog"))
+    assert code == 0, lines
+    assert (
+        "warn  reserved_connections = 2; watchdog cannot use them (no"
+        " pg_use_reserved_connections): a reconnect to a full server fails:"
+        " GRANT pg_use_reserved_connections TO watchdog;" in lines
+    ), lines
+    code, lines, _ = check(tmp_path, server.dsn("postgres"))
+    assert (
+        "ok    postgres is a superuser: may use the 3 superuser_reserved_connections when the"
+        " server is full (reserved_connections = 2)" in lines
+    ), lines
+
+
+def test_printed_grants_name_a_keyword_role_and_only_it(pg: TempCluster, tmp_path: Path) -> None:
+    # Unquoted, GRANT ... TO user grants to CURRENT_USER: whoever pastes it.
+    pg.psql('CREATE ROLE "user" LOGIN; GRANT pg_monitor TO "user";')
+    code, lines, _ = check(tmp_path, pg.dsn("user"))
+    assert code == 1
+    [fail] = [line for line in lines if line.startswith("FAIL")]
+    grant = fail.split(": ", 1)[1]
+    assert grant == 'GRANT pg_signal_backend TO "user";', fail
+    members = ("SELECT r.rolname, m.rolname FROM pg_auth_members a JOIN pg_roles r"
+               " ON r.oid = a.roleid JOIN pg_roles m ON m.oid = a.member ORDER BY 1, 2")
+    before = pg.psql(members)
+    after = pg.psql(f"BEGIN; {grant} {members}; ROLLBACK;")
+    added = set(after.splitlines()) - set(before.splitlines())
+    assert added == {"pg_signal_backend|user"}, added
 
 
 def test_superuser_role_passes_with_a_least_privilege_warning(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from watchdog.alerts_pooler import PoolerAlerts
@@ -17,9 +18,11 @@ from watchdog.alerts_sentry import SentryChannel
 from watchdog.config import Config
 from watchdog.connect import scrub
 from watchdog.pooler import real_addr
+from watchdog.units import format_duration
 
 if TYPE_CHECKING:
     from watchdog.model import Outcome
+    from watchdog.prepared import PreparedXact
     from watchdog.sweep import SweepReport
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,8 @@ class Alerts(SentryChannel):
     def __init__(self, config: Config) -> None:
         self._above: set[str] = set()  # targets over alerts.connections_above, until they drop
         self._denied: set[str] = set()  # targets whose permission trouble was reported
+        # Per target, the stale prepared transactions already reported (gid, prepared).
+        self._prepared: dict[str, set[tuple[str, Any]]] = {}
         self.poolers = PoolerAlerts(self)
         super().__init__(config)
 
@@ -60,6 +65,7 @@ class Alerts(SentryChannel):
         names = {t.name for t in config.targets}
         self._above &= names
         self._denied &= names
+        self._prepared = {k: v for k, v in self._prepared.items() if k in names}
         self.poolers.configure(config)
 
     # -- events ------------------------------------------------------------------
@@ -195,6 +201,49 @@ class Alerts(SentryChannel):
                     "top_users": _top([s.usename for s in clients]),
                     "top_applications": _top([s.application_name for s in clients]),
                     "top_clients": _top([real_addr(s, snap.pooled.get(s.pid)) for s in clients]),
+                }
+            },
+        )
+
+    def prepared(self, target: str, found: Sequence[PreparedXact] | None, leader: bool) -> None:
+        """One warning per prepared transaction past alerts.prepared_older_than, ever.
+
+        ``found`` is None when the transactions were not read this time (not due, or failed).
+        """
+        if found is None:
+            return
+        try:
+            older_than = self.config.alerts.prepared_older_than
+            seen = self._prepared.setdefault(target, set())
+            seen &= {x.key for x in found}  # finished ones are forgotten
+            for x in found:
+                if x.age_s < older_than or x.key in seen:
+                    continue
+                seen.add(x.key)
+                self._prepared_event(target, x, leader)
+        except Exception:
+            log.exception("%s: alerting on prepared transactions failed", target)
+
+    def _prepared_event(self, target: str, x: PreparedXact, leader: bool) -> None:
+        message = (
+            f"prepared transaction {x.gid!r} on {target} is {format_duration(x.age_s)} old"
+            f" (database {x.database!r}): it holds its locks and vacuum's xmin horizon"
+            " until someone commits or rolls it back"
+        )
+        log.warning("%s; to review: %r", message, x.rollback())
+        if not leader:
+            return  # the instance that acts on this server alerts; observers only log
+        self._capture(
+            message,
+            "warning",
+            fingerprint=["pg-watchdog", "prepared", target, x.gid],
+            tags={"target": target, "kind": "prepared_transaction"},
+            contexts={
+                "pg_watchdog": {
+                    **x.as_json(),
+                    "older_than_s": self.config.alerts.prepared_older_than,
+                    "review": f"in database {x.database}: {x.rollback()}"
+                    " (pg-watchdog never runs it)",
                 }
             },
         )

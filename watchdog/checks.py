@@ -8,7 +8,6 @@ GRANT that fixes it. Nothing printed comes from the DSN, so no password can leak
 from __future__ import annotations
 
 import asyncio
-import re
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -25,12 +24,14 @@ from watchdog.connect import (
 from watchdog.managed import RoleFacts, killable, members_now, read_roles
 from watchdog.model import Snapshot
 from watchdog.pooler_check import check_poolers
+from watchdog.quoting import quote_ident
+from watchdog.reserved import Slots
+from watchdog.reserved import judge as judge_slots
 from watchdog.review_render import fit
 from watchdog.snapshot import take_snapshot
 
 SUPPORTED_MAJORS = range(15, 19)
 OK, WARN, FAIL = "ok", "warn", "FAIL"
-_PLAIN_IDENT = re.compile(r"[a-z_][a-z0-9_$]*")
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,6 @@ class Check:
 
     level: str  # ok | warn | FAIL
     text: str
-
-
-def quote_ident(name: str) -> str:
-    """``name`` as an SQL identifier, ready to paste into a GRANT."""
-    if _PLAIN_IDENT.fullmatch(name):
-        return name
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _version(row: Any) -> Check:
@@ -105,29 +99,17 @@ def _signalling(row: Any, role: str, config: Config) -> list[Check]:
 
 
 def _reserved(row: Any, role: str, snapshot: Snapshot) -> Check:
-    su = snapshot.superuser_reserved
-    if row["rolsuper"]:
-        return Check(OK, f"may use the {su} superuser_reserved_connections when the server is full")
-    if snapshot.server_version_num < 160000:
-        return Check(
-            OK,
-            f"PostgreSQL 15 reserves slots for superusers only ({su}); the watchdog relies on"
-            " its held connection to act on a full server",
-        )
-    reserved = snapshot.reserved
-    if not row["use_reserved"]:
-        return Check(
-            WARN,
-            "cannot use reserved connections, so a reconnect to a full server fails:"
-            f" GRANT pg_use_reserved_connections TO {role};",
-        )
-    if reserved <= 0:
-        return Check(
-            WARN,
-            "reserved_connections is 0: a reconnect to a full server fails"
-            " (set reserved_connections = 3 in postgresql.conf)",
-        )
-    return Check(OK, f"can use the {reserved} reserved_connections (pg_use_reserved_connections)")
+    verdict = judge_slots(Slots(
+        version_num=snapshot.server_version_num,
+        reserved=snapshot.reserved if snapshot.server_version_num >= 160000 else 0,
+        superuser_reserved=snapshot.superuser_reserved,
+        rolsuper=bool(row["rolsuper"]),
+        use_reserved=row["use_reserved"],
+        role=role,
+    ))
+    if verdict.ok:
+        return Check(OK, verdict.text)
+    return Check(WARN, f"{verdict.text}: {' '.join(verdict.fix)}")
 
 
 def _headroom(snapshot: Snapshot, config: Config, sees_all: bool) -> Check:
@@ -185,13 +167,15 @@ def _layout(facts: RoleFacts) -> list[Check]:
     ]
 
 
-def _admins(config: Config, target: str, facts: RoleFacts) -> list[Check]:
+def _admins(
+    config: Config, target: str, facts: RoleFacts, keywords: frozenset[str]
+) -> list[Check]:
     at_risk = [r for r in facts.roles if r.admin_signs() and killable(r, config, target)]
     if not at_risk:
         return []
     shown = [
         ("the watchdog's own role " if r.is_self else "")
-        + f"{quote_ident(r.name)} ({', '.join(r.admin_signs())})"
+        + f"{quote_ident(r.name, keywords)} ({', '.join(r.admin_signs())})"
         for r in at_risk[:5]
     ]
     more = f" and {len(at_risk) - 5} more" if len(at_risk) > 5 else ""
@@ -200,9 +184,10 @@ def _admins(config: Config, target: str, facts: RoleFacts) -> list[Check]:
 
 
 def judge(row: Any, server: str, snapshot: Snapshot, config: Config, target: str,
-          facts: RoleFacts) -> list[Check]:
-    """Every check of one reachable target, from its role row, snapshot and role facts."""
-    role = quote_ident(row["role"])
+          facts: RoleFacts, keywords: frozenset[str]) -> list[Check]:
+    """Every check of one reachable target, from its role row, snapshot and role facts;
+    ``keywords`` those the server's quote_ident() quotes, for the SQL printed."""
+    role = quote_ident(row["role"], keywords)
     sees_all = bool(row["rolsuper"] or row["read_all_stats"])
     return [
         Check(OK, f"reachable at {server}"),
@@ -215,7 +200,7 @@ def judge(row: Any, server: str, snapshot: Snapshot, config: Config, target: str
         _reserved(row, role, snapshot),
         _headroom(snapshot, config, sees_all),
         *_member_roles(config, facts, snapshot),
-        *_admins(config, target, facts),
+        *_admins(config, target, facts, keywords),
     ]
 
 
@@ -237,6 +222,7 @@ async def _check_server(config: Config, target: Target) -> list[Check]:
         snapshot = await take_snapshot(conn, STATEMENT_TIMEOUT, config.member_roles())
         facts = await read_roles(conn, config, STATEMENT_TIMEOUT)
         holders = await conn.fetch(queries.LOCK_HOLDER, config.lock_key, timeout=STATEMENT_TIMEOUT)
+        keywords = frozenset(await conn.fetchval(queries.KEYWORDS, timeout=STATEMENT_TIMEOUT))
     except Exception as exc:
         reason = describe_error(target, exc).removeprefix(f"{target.name}: ")
         return [Check(FAIL, f"connected, but the checks failed: {reason}")]
@@ -245,7 +231,7 @@ async def _check_server(config: Config, target: Target) -> list[Check]:
     if row is None:  # current_user not in pg_roles: cannot happen on a sane server
         return [Check(FAIL, "connected, but the current role is not in pg_roles")]
     return [
-        *judge(row, server, snapshot, config, target.name, facts),
+        *judge(row, server, snapshot, config, target.name, facts, keywords),
         leadership(list(holders), config),
     ]
 

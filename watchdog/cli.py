@@ -93,7 +93,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_advise(args: argparse.Namespace) -> int:
-    from watchdog.advise_render import run_advise
+    from watchdog.advise.command import run_advise
 
     return run_advise(_load(args), args)
 
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_audit, log_level=logging.WARNING)
 
     p = command("advise", "from the audit log and a live look: the leak, and the fix to paste")
-    from watchdog.advise_render import configure_parser as configure_advise
+    from watchdog.advise.command import configure_parser as configure_advise
 
     configure_advise(p)
     p.set_defaults(func=_cmd_advise, log_level=logging.WARNING)

@@ -123,6 +123,7 @@ class AlertsConfig:
     sentry: SentryConfig = SentryConfig()
     connections_above: float | None = 0.8
     pooler_wait_above: float = 1.0  # seconds a PgBouncer client may queue before an alert
+    prepared_older_than: float = 3600.0  # seconds a prepared transaction may wait for 2PC
 
 
 @dataclass(frozen=True)
@@ -410,11 +411,12 @@ def _sentry(node: YNode) -> SentryConfig:
 
 
 def _alerts(node: YNode) -> AlertsConfig:
-    f = mapping(node, ("sentry", "connections_above", "pooler_wait_above"))
+    f = mapping(node, ("sentry", "connections_above", "pooler_wait_above", "prepared_older_than"))
     return AlertsConfig(
         sentry=opt(f, "sentry", _sentry, SentryConfig()),
         connections_above=opt(f, "connections_above", percent, 0.8),
         pooler_wait_above=opt(f, "pooler_wait_above", duration, 1.0),
+        prepared_older_than=opt(f, "prepared_older_than", duration, 3600.0),
     )
 
 

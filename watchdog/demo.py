@@ -267,8 +267,8 @@ class Demo(Incident):
 
     def advice(self) -> None:
         """From relief to cure: `advise` on the incident's audit log and the server still up."""
-        from watchdog.advise_render import configure_parser as configure_advise
-        from watchdog.advise_render import run_advise
+        from watchdog.advise.command import configure_parser as configure_advise
+        from watchdog.advise.command import run_advise
 
         policy = self.tmp / "policies.yaml"
         print(f"\n$ pg-watchdog advise -c {policy}", flush=True)

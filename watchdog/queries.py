@@ -200,6 +200,25 @@ SELECT textsend(datname::text) AS datname, sessions, sessions_killed, sessions_a
 FROM pg_stat_database WHERE datname IS NOT NULL
 """
 
+# SQL printed for people (advise, check --connect): the keywords quote_ident() quotes on this
+# server (every category but unreserved), so printed names are quoted as the server would.
+KEYWORDS = """
+SELECT coalesce(array_agg(word::text), '{}') FROM pg_get_keywords() WHERE catcode <> 'U'
+"""
+
+# Prepared transactions (two-phase commit): no timeout ends them, and each holds its locks and
+# the xmin horizon until someone runs COMMIT/ROLLBACK PREPARED. Read by `status`, `advise` and,
+# at most once per interval, by the service (watchdog/prepared.py). Names and the gid come as
+# bytes, as in SNAPSHOT. The server's now() makes the age independent of the host's clock.
+PREPARED_XACTS = """
+SELECT textsend(p.gid) AS gid, p.prepared, textsend(p.owner::text) AS owner,
+       textsend(p.database::text) AS database, p.transaction::text AS xid,
+       age(p.transaction) AS xid_age,
+       extract(epoch FROM now() - p.prepared)::float8 AS age_s
+FROM pg_prepared_xacts p
+ORDER BY p.prepared, p.gid
+"""
+
 # PgBouncer's admin console (simple query protocol, one command per query). SHOW SOCKETS is
 # SHOW CLIENTS and SHOW SERVERS in one answer: the one read per pooler and sweep.
 PGBOUNCER_SOCKETS = "SHOW SOCKETS"

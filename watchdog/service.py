@@ -20,6 +20,7 @@ from watchdog.config import Config, load_config
 from watchdog.connect import TargetError
 from watchdog.metrics import Metrics
 from watchdog.notify import Notifier
+from watchdog.prepared import PreparedWatch
 from watchdog.resolver import Resolver
 from watchdog.runner import TargetRunner, sweep_timeout
 from watchdog.sweep import SweepReport
@@ -67,6 +68,7 @@ class Service:
         self.running_since: dict[str, float] = {}
         self.due: dict[str, float] = {}  # monotonic moment of each job's next run
         self.troubled: dict[str, str] = {}
+        self.prepared: dict[str, PreparedWatch] = {}  # stale 2PC transactions, once per interval
         # Logs replaced by a reload while they still held records back: those records
         # settle intents in their own journal, so they go to their own file, later.
         self.retired: list[AuditLog] = []
@@ -129,6 +131,9 @@ class Service:
             self.metrics.swept(report)
             self.metrics.pooled(report)
             self.alerts.checkin(name, "ok", report.duration)
+            watch = self.prepared.setdefault(name, PreparedWatch(name))
+            found = await watch.poll(runner.conn, runner.target.interval)
+            self.alerts.prepared(name, found, report.leader)
             self._next(name, started, report)
         finally:
             self.metrics.target_up(name, runner.up, runner.leader)

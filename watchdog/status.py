@@ -18,11 +18,12 @@ from typing import Any
 
 from watchdog.blockers import describe as describe_blocking
 from watchdog.config import Config, Target
-from watchdog.connect import close_quietly, describe_error, open_target
+from watchdog.connect import STATEMENT_TIMEOUT, close_quietly, describe_error, open_target
 from watchdog.decide import decide
 from watchdog.model import Session, Snapshot, Verdict
 from watchdog.pooler import describe_client
 from watchdog.pooler_watch import PoolerRound, PoolerWatch
+from watchdog.prepared import PreparedXact, read_prepared
 from watchdog.review_render import dumps_line, fit
 from watchdog.sweep import look
 from watchdog.units import format_duration
@@ -140,6 +141,7 @@ def build_report(
     snapshot: Snapshot,
     explain: bool,
     poolers: PoolerRound | None = None,
+    prepared: tuple[PreparedXact, ...] = (),
 ) -> Report:
     """Everything `status` shows about one target, as JSON-ready values."""
     decision = decide(snapshot, config, target.name)
@@ -182,6 +184,11 @@ def build_report(
         "over_limit": decision.over_limit,
         "next_actions": [_session_json(snapshot, v, dry(v)) for v in planned],
         "holding_back_vacuum": _xmin_holders(snapshot),
+        # Two-phase commits left prepared: no timeout ends them (see `advise`).
+        "prepared_transactions": [
+            {**x.as_json(), "stale": x.age_s >= config.alerts.prepared_older_than}
+            for x in prepared
+        ],
     }
     if target.poolers:
         report["pools"] = _pools(target, poolers or PoolerRound())
@@ -253,6 +260,21 @@ def _pool_lines(pools: list[Report]) -> list[str]:
     return lines
 
 
+def _prepared_lines(xacts: list[Report]) -> list[str]:
+    if not xacts:
+        return []
+    stale = sum(1 for x in xacts if x["stale"])
+    head = f"  prepared     {len(xacts)} prepared transaction{'s' if len(xacts) != 1 else ''}"
+    if stale:
+        head += f", {stale} older than alerts.prepared_older_than (pg-watchdog advise)"
+    return [head] + [
+        f"    gid {_safe(repr(x['gid']), 80)} {format_duration(x['age_s'])} old, owner"
+        f" {_safe(x['owner'], 32)}, database {_safe(x['database'], 32)}, xid age {x['xid_age']}"
+        + ("  STALE" if x["stale"] else "")
+        for x in xacts[:_SHOWN]
+    ] + ([f"    ... and {len(xacts) - _SHOWN} more"] if len(xacts) > _SHOWN else [])
+
+
 def render_text(r: Report) -> str:
     """The human form of one target's report."""
     slots = f"max_connections {r['max_connections']} - superuser_reserved_connections "
@@ -279,6 +301,7 @@ def render_text(r: Report) -> str:
         for x in r.get("holding_back_vacuum", [])[:_XMIN_SHOWN]
     ]
     lines += [f"  xmin held    {', '.join(xmin)}"] if xmin else []
+    lines += _prepared_lines(r.get("prepared_transactions", []))
     lines += _pool_lines(r.get("pools", []))
     if r["hidden_sessions"]:
         lines.append(
@@ -319,10 +342,11 @@ class _Held:
             snapshot, pooled = await look(
                 held[0], held[1], self.poolers.get(target.name), config.member_roles()
             )
+            prepared = await read_prepared(held[0], STATEMENT_TIMEOUT)
         except Exception as exc:
             await self.drop(target.name)
             return {"target": target.name, "error": describe_error(target, exc)}
-        return build_report(config, target, held[1], snapshot, explain, pooled)
+        return build_report(config, target, held[1], snapshot, explain, pooled, prepared)
 
     async def drop(self, name: str) -> None:
         held = self.conns.pop(name, None)

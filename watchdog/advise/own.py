@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from watchdog.advise import KILLS, Finding, Record, Window, kills_of, times, when_text
+from watchdog.advise.findings import KILLS, Finding, Record, Window, kills_of, times, when_text
 from watchdog.config import Config
 
 DRY_RUN_DAYS = 3.0

@@ -1,4 +1,4 @@
-"""`advise`'s live look at one target: its sessions, settings and session counters, once."""
+"""`advise`'s live look at one target: sessions, settings, counters, prepared transactions."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from watchdog import queries
 from watchdog.config import Target
 from watchdog.connect import STATEMENT_TIMEOUT, TargetError, describe_error, target_session
 from watchdog.model import APPLICATION_NAME, CLIENT_BACKEND
+from watchdog.prepared import PreparedXact, read_prepared
+from watchdog.quoting import quote_ident
 from watchdog.snapshot import server_text
 
 # The settings the advice reads (server-wide values; per role and database come separately).
@@ -21,11 +23,17 @@ SETTINGS = (
     "idle_in_transaction_session_timeout",
     "statement_timeout",
     "idle_session_timeout",
+    "transaction_timeout",  # 17+; absent before
     "work_mem",
     "shared_buffers",
     "server_version_num",
 )
-TIMEOUTS = ("idle_in_transaction_session_timeout", "statement_timeout", "idle_session_timeout")
+TIMEOUTS = (
+    "idle_in_transaction_session_timeout",
+    "statement_timeout",
+    "idle_session_timeout",
+    "transaction_timeout",
+)
 # The look's own session sends none of TIMEOUTS, so pg_settings shows the server's values.
 _LOOK_SETTINGS = {"application_name": APPLICATION_NAME, "jit": "off"}
 SAMPLES, SAMPLE_GAP = 5, 0.2  # sessions are read a few times, for their peak
@@ -61,12 +69,18 @@ class Look:
     role_settings: dict[tuple[str | None, str | None], dict[str, str]]
     sessions: tuple[LiveSession, ...]  # the last sample
     db_stats: tuple[DbStats, ...]
+    keywords: frozenset[str]  # those quote_ident() quotes on this server (pg_get_keywords)
     peak_used: int = 0  # client backends, at the busiest sample
     peak_active: dict[str, int] = field(default_factory=dict)  # application -> most active
     role: str = ""
     rolsuper: bool = False
     use_reserved: bool | None = None
     notes: tuple[str, ...] = field(default=())
+    prepared: tuple[PreparedXact, ...] = ()
+
+    def ident(self, name: str) -> str:
+        """``name`` quoted for printed SQL as this server's quote_ident() would."""
+        return quote_ident(name, self.keywords)
 
     @property
     def version_num(self) -> int:
@@ -163,6 +177,7 @@ async def _read(conn: Any, target: Target) -> Look:
         for r in await conn.fetch(queries.ADVISE_DB_STATS, timeout=t)
     )
     me = await conn.fetchrow(queries.CHECK_ROLE, timeout=t)
+    keywords = frozenset(await conn.fetchval(queries.KEYWORDS, timeout=t))
     return Look(
         target=target.name,
         settings=settings,
@@ -170,10 +185,12 @@ async def _read(conn: Any, target: Target) -> Look:
         role_settings=per,
         sessions=sessions,
         db_stats=stats,
+        keywords=keywords,
         peak_used=peak_used,
         peak_active=dict(peak_active),
         role=me["role"],
         rolsuper=bool(me["rolsuper"]),
         use_reserved=me["use_reserved"],
         notes=tuple(notes),
+        prepared=await read_prepared(conn, t),
     )

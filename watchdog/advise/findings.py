@@ -1,9 +1,7 @@
-"""`pg-watchdog advise`: from relief to cure. Pure analysis of audit records and live looks.
+"""What every `advise` finding is made of: Finding, Window, and kills counted once per session.
 
 Every finding carries its evidence (numbers, with the window they cover) and a fix a DBA can
-paste; no evidence, no finding. This module reads the audit history for the leak; the
-findings that need the server's side are in advise_server.py, those about the watchdog's
-own settings in advise_own.py.
+paste; no evidence, no finding.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from watchdog.config import Config
 from watchdog.review_render import record_time
 from watchdog.units import format_duration
 
@@ -26,8 +23,10 @@ IIT = ("idle in transaction", "idle in transaction (aborted)")
 MIN_KILLS = 5  # fewer than this is not a pattern
 MIN_SHARE = 1 / 3  # of the target's kills (of that kind): the one to fix first
 ORDER = (
+    "stale_prepared",
     "leak",
     "idle_in_transaction_timeout",
+    "transaction_timeout",
     "statement_timeout",
     "idle_session_timeout",
     "pooling",
@@ -38,18 +37,6 @@ ORDER = (
     "policy_unused",
 )
 SEVERITIES = ("high", "medium", "low")
-
-# The usual pools' knobs: (application_name fragments, the pool, the knob).
-POOLS = (
-    (("sqlalchemy", "alembic", "flask", "fastapi"), "SQLAlchemy",
-     "create_engine(..., pool_pre_ping=True, pool_recycle=300)"),
-    (("django",), "Django", "DATABASES[...]['CONN_MAX_AGE'] = 60 and CONN_HEALTH_CHECKS = True"),
-    (("node", "pg-pool", "express", "nest"), "node-postgres",
-     "new Pool({ idleTimeoutMillis: 10000, max: ... })"),
-    (("hikari", "jdbc", "java", "spring"), "HikariCP",
-     "idleTimeout=60000, maxLifetime=1800000 (and leakDetectionThreshold to find the leak)"),
-)
-
 
 @dataclass(frozen=True)
 class Finding:
@@ -101,9 +88,51 @@ def sort_findings(findings: Iterable[Finding]) -> list[Finding]:
     )
 
 
+def kill_key(r: Record) -> tuple[Any, ...]:
+    """What one kill is: a session (target, pid, backend_start); for a cancel, which ends a
+    query and not the session, that session's query (its query_start) too."""
+    if r.get("pid") is None or r.get("backend_start") is None:
+        return ("record", id(r))  # cannot be matched with another record: counts alone
+    key: tuple[Any, ...] = (r.get("target"), r.get("pid"), r.get("backend_start"))
+    if r.get("action") == "cancel":
+        key += (r.get("query_start"),)
+    return key
+
+
 def kills_of(records: Iterable[Record]) -> list[Record]:
-    """The records of sessions the watchdog ended (or, in a dry run, would have)."""
-    return [r for r in records if r.get("outcome") in KILLS]
+    """The sessions the watchdog ended (or, in a dry run, would have), each counted once.
+
+    A dry run's would_* record and the real kill of the same session are one kill (the real
+    record is kept), and so are the would_* records a dry run repeats over sweeps (the first
+    is kept: the age at which it would have acted).
+    """
+    chosen: dict[tuple[Any, ...], Record] = {}
+    for r in records:
+        if r.get("outcome") not in KILLS:
+            continue
+        key = kill_key(r)
+        kept = chosen.get(key)
+        if kept is None or (_dry(kept) and not _dry(r)):
+            chosen[key] = r
+    return list(chosen.values())
+
+
+def _dry(r: Record) -> bool:
+    return str(r.get("outcome", "")).startswith("would_")
+
+
+def counted_once(records: Sequence[Record], kills: Sequence[Record]) -> list[str]:
+    """Evidence that says how kills were counted, when records of one session were folded."""
+    keys = {kill_key(r) for r in kills}
+    folded = sum(1 for r in records if r.get("outcome") in KILLS and kill_key(r) in keys)
+    folded -= len(kills)
+    if folded <= 0:
+        return []
+    return [
+        f"{folded} more record{'s' if folded != 1 else ''} of the same sessions counted once:"
+        " a kill is one session (pid and backend_start), so a dry run's would_* record and"
+        " the real kill of that session are one kill"
+    ]
 
 
 def ages(records: Iterable[Record]) -> list[float]:
@@ -158,66 +187,11 @@ def top(counter: Counter[str], n: int = 3) -> str:
     return ", ".join(f"{k} ({v})" for k, v in counter.most_common(n))
 
 
-def pool_for(application: str) -> tuple[str, str] | None:
-    name = application.lower()
-    for fragments, pool, knob in POOLS:
-        if any(f in name for f in fragments):
-            return pool, knob
-    return None
-
-
 def group(records: Iterable[Record], *fields: str) -> dict[tuple[Any, ...], list[Record]]:
     out: dict[tuple[Any, ...], list[Record]] = defaultdict(list)
     for r in records:
         out[tuple(r.get(f) for f in fields)].append(r)
     return out
-
-
-# -- findings from the audit log alone ------------------------------------------------
-
-
-def leak(target: str, records: Sequence[Record], window: Window) -> list[Finding]:
-    """The application (and role) the watchdog keeps killing, against everyone else."""
-    kills = kills_of(records)
-    found = []
-    for (app, role), mine in group(kills, "application_name", "usename").items():
-        if len(mine) < MIN_KILLS or len(mine) / len(kills) < MIN_SHARE:
-            continue
-        mine_ids = {id(r) for r in mine}
-        others = [r for r in kills if id(r) not in mine_ids]
-        states = Counter(str(r.get("state")) for r in mine)
-        clients = Counter(c for r in mine if (c := client_of(r)) is not None)
-        evidence = [
-            f"{rate_text(mine, window)}: {len(mine)} of the {len(kills)} kills on {target}"
-            f" ({100 * len(mine) / len(kills):.0f}%)",
-            f"state at kill: {top(states)}; {age_text(mine)}",
-            f"everyone else: {len(others)} kills" + (f", {age_text(others)}" if others else ""),
-        ]
-        if len(clients) > 1 or through_pooler(mine):
-            behind = " (real clients behind the pooler)" if through_pooler(mine) else ""
-            evidence.append(f"from {len(clients)} client addresses{behind}: {top(clients)}")
-        found.append(
-            Finding("leak", "high", target, f"application '{app}' (role {role})",
-                    tuple(evidence), tuple(_leak_fix(str(app), states)))
-        )
-    return found
-
-
-def _leak_fix(app: str, states: Counter[str]) -> list[str]:
-    fix = []
-    if any(s in IIT for s in states):
-        fix.append(
-            f"In '{app}': end every transaction on every path (commit or rollback in a finally"
-            " block or a context manager); a session left idle in transaction holds its locks"
-            " and its slot."
-        )
-    known = pool_for(app)
-    if known:
-        fix.append(f"Let its pool ({known[0]}) retire and re-check connections: {known[1]}.")
-    else:
-        fix.append("Let its pool retire idle connections and check them before use:")
-        fix += [f"  {pool}: {knob}" for _, pool, knob in POOLS]
-    return fix
 
 
 def nice_value(seconds: float) -> str:
@@ -227,33 +201,3 @@ def nice_value(seconds: float) -> str:
     if seconds < 120:
         return f"{math.ceil(seconds)}s"
     return f"{math.ceil(seconds / 60)}min"
-
-
-def analyse(
-    config: Config,
-    records: Sequence[Record],
-    looks: Mapping[str, Any],
-    window: Window,
-    targets: Sequence[str],
-) -> list[Finding]:
-    """Every finding for ``targets``: ``looks`` maps a target to its advise_look.Look, or to
-    None when it could not be reached (then only the audit log speaks for it)."""
-    from watchdog import advise_own as own
-    from watchdog import advise_server as server
-
-    policies = {p.name: p for p in config.policies}
-    by_target = group(records, "target")
-    found: list[Finding] = []
-    for name in targets:
-        mine = by_target.get((name,), [])
-        found += leak(name, mine, window)
-        found += own.max_per_sweep(name, mine, config)
-        found += own.dry_run_left_on(name, mine, config, window)
-        found += own.policy_unused(name, mine, config, window)
-        look = looks.get(name)
-        if look is not None:
-            found += server.timeouts(look, mine, policies, window)
-            found += server.pooling(look)
-            found += server.capacity(look)
-            found += server.reserved_connections(look)
-    return sort_findings(found)

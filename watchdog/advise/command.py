@@ -12,10 +12,11 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
-from watchdog.advise import Finding, Record, Window, analyse
-from watchdog.advise_look import Look, take_look
+from watchdog.advise.analyse import analyse
+from watchdog.advise.findings import Finding, Record, Window
+from watchdog.advise.look import Look, take_look
 from watchdog.config import Config
 from watchdog.connect import TargetError
 from watchdog.review import iter_records, parse_when
@@ -120,9 +121,9 @@ def run_advise(config: Config, args: argparse.Namespace) -> int:
     window = Window(max(start, since) if start is not None else None, now)
     looked = asyncio.run(_looks(config, wanted))
     errors = {n: str(v) for n, v in looked.items() if isinstance(v, TargetError)}
-    looks: dict[str, Any] = {n: v for n, v in looked.items() if isinstance(v, Look)}
+    looks: dict[str, Look | None] = {n: v for n, v in looked.items() if isinstance(v, Look)}
     findings = analyse(config, records, looks, window, wanted)
-    notes = {n: list(v.notes) for n, v in looks.items() if v.notes}
+    notes = {n: list(v.notes) for n, v in looks.items() if v is not None and v.notes}
     if args.json:
         doc = {
             "findings": [f.as_json() for f in findings],
