@@ -67,10 +67,10 @@ class Service:
         self.running_since: dict[str, float] = {}
         self.due: dict[str, float] = {}  # monotonic moment of each job's next run
         self.troubled: dict[str, str] = {}
-        self.reached: set[str] = set()  # targets swept once (readiness)
         # Logs replaced by a reload while they still held records back: those records
         # settle intents in their own journal, so they go to their own file, later.
         self.retired: list[AuditLog] = []
+        self.reached: set[str] = set()  # targets swept once (readiness)
 
     # -- scheduling ------------------------------------------------------------
 
