@@ -157,7 +157,7 @@ def leaked(text: str) -> str | None:
     return found.group() if found else None
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
 @given(statements(), st.data())
 def test_no_literal_survives_even_cut_short(generated: Generated, data: st.DataObject) -> None:
     query = generated[2]
@@ -168,7 +168,7 @@ def test_no_literal_survives_even_cut_short(generated: Generated, data: st.DataO
     assert leaked(out) is None, (cut, out)
 
 
-@settings(max_examples=800, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(statements(), st.data())
 def test_whitespace_between_tokens_does_not_change_the_shape(
     generated: Generated, data: st.DataObject
@@ -178,7 +178,7 @@ def test_whitespace_between_tokens_does_not_change_the_shape(
     assert redact(statement(tokens, others)) == redact(query)
 
 
-@settings(max_examples=800, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(statements())
 def test_idempotent_on_statements(generated: Generated) -> None:
     once = redact(generated[2])
@@ -191,7 +191,7 @@ PIECES = st.sampled_from(
 )
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(PIECES, max_size=40).map("".join) | st.text(max_size=60))
 def test_idempotent_and_total_on_any_text(text: str) -> None:
     once = redact(text)

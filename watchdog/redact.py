@@ -34,21 +34,25 @@ _NUMBER = (
     r"(?:[0-9][0-9_]*+(?:\.[0-9_]*+)?|\.[0-9][0-9_]*+)(?:[eE][+-]?[0-9]++)?"
     rf"[{_START}0-9]*+"
 )
-# A name kept as it is: not PASSWORD, not the prefix of a constant (E'...', U&'...').
-_NAME = rf"(?!(?i:password)(?![{_CONT}]))[{_START}][{_CONT}]*+(?![&'])"
+# A name kept as it is: not PASSWORD, not the prefix of a constant (E'...', U&"...").
+_NAME = rf"(?!(?i:password)(?![{_CONT}])|[eEnNbBxX]'|[uU]&['\"])[{_START}][{_CONT}]*+"
 # Operators, punctuation and stray characters that start no comment and no statement.
 _PUNCT = r"(?:[+*<>=~!@#%^&|`?(),\[\]:{}\\\x00-\x08\x0e-\x1f\x7f]|-(?!-)|/(?!\*)|\.(?![0-9]))"
 _COMMENT = "/*...*/"
+# Closed strings, standard reading (the E'...' prefix after no name character, as in a run).
+_STRINGS = rf"(?<![{_CONT}])[eE]'(?:[^'\\]++|''|\\.)*+'|'(?:[^']++|'')*+'"
+# An odd run of backslashes before a quote: the only text the two readings split differently.
+_AMBIGUOUS = re.compile(r"(?<!\\)(?:\\\\)*+\\'")
 
 
 def _pattern(backslash_quotes: bool, fast: bool) -> re.Pattern[str]:
-    """The token regex. ``fast``: plain strings, numbers and parameters go inside runs of kept
-    tokens (most of a statement in one match), replaced there afterwards; a query with a
-    backslash is scanned token by token, to compare with its legacy reading.
+    """The token regex. ``fast``: strings, numbers and parameters go inside runs of kept
+    tokens (most of a statement in one match), replaced there afterwards; a text the two
+    readings split differently is scanned token by token, to compare them.
     ``backslash_quotes``: the legacy reading, as with standard_conforming_strings off."""
     run = [_NAME, _QUOTED_NAME, _PUNCT]
     if fast:
-        run[2:2] = [r"'(?:[^']++|'')*+'", _NUMBER, r"\$[0-9]++"]
+        run[2:2] = [_STRINGS, _NUMBER, r"\$[0-9]++"]
     kept = "(?:" + "|".join(run) + ")"
     plain = _ESCAPED if backslash_quotes else _PLAIN
     alternatives = (
@@ -75,11 +79,11 @@ _LEGACY = _pattern(backslash_quotes=True, fast=False)
 _SECRETS = frozenset({"const", "plain", "bits", "dollar", "num", "secret"})
 _HIDDEN = _SECRETS | {"comment", "block"}
 # Inside a run: the constants to replace, and quoted names to step over.
-_RUN_CONSTANTS = re.compile(rf"'(?:[^']++|'')*+'|(?<![{_CONT}]){_NUMBER}")
-_RUN_PARTS = re.compile(rf"({_QUOTED_NAME})|'(?:[^']++|'')*+'|(?<![{_CONT}]){_NUMBER}")
-_RUN_PARAMS = re.compile(rf"{_QUOTED_NAME}|'(?:[^']++|'')*+'|(?<![{_CONT}])\$([0-9]++)")
+_RUN_CONSTANTS = re.compile(rf"{_STRINGS}|(?<![{_CONT}]){_NUMBER}", re.DOTALL)
+_RUN_PARTS = re.compile(rf"({_QUOTED_NAME})|{_STRINGS}|(?<![{_CONT}]){_NUMBER}", re.DOTALL)
+_RUN_PARAMS = re.compile(rf"{_QUOTED_NAME}|{_STRINGS}|(?<![{_CONT}])\$([0-9]++)", re.DOTALL)
 _RUN_UNTIDY = re.compile(r"[\t\n\r\f\v]|  ")
-_RUN_SPACES = re.compile(rf"({_QUOTED_NAME}|'(?:[^']++|'')*+')|{_WS}++")
+_RUN_SPACES = re.compile(rf"({_QUOTED_NAME}|{_STRINGS})|{_WS}++", re.DOTALL)
 _ARGUMENT = re.compile(rf"{_OPEN_NAME}|[{_START}][{_CONT}]*+")
 _ROLE_STATEMENT = re.compile(
     r"(?:[ \t\n\r\f\v]++|--[^\n\r]*+|/\*(?:[^*]++|\*(?!/))*+\*/)*+"
@@ -220,7 +224,7 @@ class _Out:
 def redact(query: str) -> str:
     """``query`` with every constant replaced by a $n placeholder; deterministic, idempotent."""
     n = len(query)
-    legacy = _legacy_spans(query) if "\\" in query else None
+    legacy = _legacy_spans(query) if _AMBIGUOUS.search(query) else None
     masked_from, masked_to = next(legacy) if legacy is not None else (n, n + 1)
     out = _Out(_sentinel(query))
     max_param = 0
