@@ -14,7 +14,7 @@ from watchdog import __version__
 from watchdog.audit import AuditError
 from watchdog.config import Config, config_path, load_config
 from watchdog.connect import TargetError
-from watchdog.escape import OneLineFormatter
+from watchdog.escape import OneLineFormatter, log_text
 from watchdog.yamlpos import ConfigError
 
 log = logging.getLogger("watchdog")
@@ -179,10 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
     except UserError as exc:
-        print(f"pg-watchdog: {exc}", file=sys.stderr)
+        print(f"pg-watchdog: {log_text(str(exc))}", file=sys.stderr)
         return exc.code
     except (TargetError, AuditError) as exc:
-        print(f"pg-watchdog: {exc}", file=sys.stderr)
+        # A server's or pooler's words may be in it: one line, escaped, as in the log.
+        print(f"pg-watchdog: {log_text(str(exc))}", file=sys.stderr)
         return EXIT_TARGET
     except KeyboardInterrupt:
         return 130
