@@ -72,6 +72,12 @@ def test_table(query: str, redacted: str) -> None:
 def test_a_private_use_character_in_the_text_is_kept() -> None:
     # The scanner marks placeholders with a private-use character the text does not hold.
     assert redact("SELECT '\ue000', \ue000x, 1") == "SELECT $1, \ue000x, $2"
+    assert redact("SELECT '\ue000\ue001', \ue000\ue001, 1") == "SELECT $1, \ue000\ue001, $2"
+
+
+def test_a_parameter_too_long_for_an_int_is_no_parameter() -> None:
+    digits = "9" * 5000  # int() refuses this many digits; PostgreSQL too
+    assert redact(f"SELECT ${digits}, 1, ${digits} x") == f"SELECT ${digits}, $1, ${digits} x"
 
 
 # -- generated statements -----------------------------------------------------------------

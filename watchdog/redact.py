@@ -156,12 +156,18 @@ def _legacy_spans(text: str) -> Iterator[tuple[int, int]]:
         yield len(text), len(text) + 1
 
 
-def _sentinel(text: str) -> str:
-    """A private-use character that ``text`` does not contain: the placeholder until the end."""
+def _sentinel(text: str) -> str | None:
+    """A character ``text`` does not contain (a private-use one, as a rule): each placeholder
+    until they are numbered. None only for a text holding every character from U+E000 up."""
     if "\ue000" not in text:
         return "\ue000"
     used = set(text)
-    return next(c for c in map(chr, range(0xF0000, 0xFFFFE)) if c not in used)
+    return next((c for c in map(chr, range(0xE001, 0x110000)) if c not in used), None)
+
+
+def _param(digits: str) -> int:
+    """A parameter's number; 0 for more digits than PostgreSQL's int (not a parameter)."""
+    return int(digits) if len(digits) <= 10 else 0
 
 
 def _word_end(piece: str) -> bool:
@@ -226,7 +232,10 @@ def redact(query: str) -> str:
     n = len(query)
     legacy = _legacy_spans(query) if _AMBIGUOUS.search(query) else None
     masked_from, masked_to = next(legacy) if legacy is not None else (n, n + 1)
-    out = _Out(_sentinel(query))
+    sentinel = _sentinel(query)
+    if sentinel is None:
+        return "$1"  # nothing can stand for a placeholder: keep nothing rather than guess
+    out = _Out(sentinel)
     max_param = 0
     for kind, start, end in _scan(query, _FAST if legacy is None else _STANDARD):
         while masked_to <= start:
@@ -237,7 +246,7 @@ def redact(query: str) -> str:
             text = query[start:end]
             out.run(text)
             if "$" in text:
-                params = (int(p) for p in _RUN_PARAMS.findall(text) if p)
+                params = (_param(p) for p in _RUN_PARAMS.findall(text) if p)
                 max_param = max(max_param, *params, 0)
         elif kind == "ws":
             out.space = bool(out.pieces)
@@ -248,6 +257,6 @@ def redact(query: str) -> str:
         else:
             text = query[start:end]
             if kind == "param":
-                max_param = max(max_param, int(text[1:]))
+                max_param = max(max_param, _param(text[1:]))
             out.text(text)
     return out.result(max_param + 1)
