@@ -3,7 +3,7 @@
 The properties: no literal's content (strings in every form, numbers, comments, the argument
 of PASSWORD) survives, under either reading of backslashes (standard_conforming_strings on
 or off), even cut short anywhere; the result is idempotent and does not depend on the amount
-or kind of whitespace between tokens. Megabyte hostile inputs must finish in linear time:
+or kind of whitespace between tokens (where both readings agree on the tokens). Megabyte hostile inputs must finish in linear time:
 the deadline below is generous for a linear scanner, and hours away for a quadratic one.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from watchdog.redact import redact
@@ -180,6 +180,9 @@ def test_whitespace_between_tokens_does_not_change_the_shape(
     generated: Generated, data: st.DataObject
 ) -> None:
     tokens, spaces, query = generated
+    # Where the two readings of backslashes split the text differently, a space may be
+    # inside a name in one and between tokens in the other: nothing is stable there.
+    assume(not re.search(r"(?<!\\)(?:\\\\)*+\\'", query))
     others = [data.draw(st.sampled_from(LINES if s in LINES else INLINE)) for s in spaces]
     assert redact(statement(tokens, others)) == redact(query)
 

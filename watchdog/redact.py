@@ -5,7 +5,8 @@ E'...', N'...', U&'...', B'...', X'...', $tag$...$tag$), numbers, and the argume
 in role statements become ``$1``, ``$2``, ... numbered after the statement's own parameters,
 as pg_stat_statements normalizes. Identifiers (quoted too), keywords, operators and parameters
 stay. Comments become ``/*...*/``: their text can hold anything, and per-request tags in them
-would split one shape into many. Runs of whitespace become one space.
+would split one shape into many. Runs of whitespace become one space, so statements that
+differ only in whitespace between tokens (or in constants) come out the same.
 
 The text is written by strangers and may be a megabyte long or cut short by the server: every
 step is linear (possessive regexes, ``str.find``), and whatever is left open at the end (a
