@@ -38,6 +38,7 @@ _JOURNAL = re.compile(r"\d+-[0-9a-f]{8}\.intent")
 NEW = ".new-"  # a journal being created: locked before it gets its name
 UNCONFIRMED = "pg-watchdog stopped after deciding to signal; outcome not recorded"
 
+
 def encode(records: Iterable[Record]) -> bytes:
     """JSON Lines, one record a line, safe for line-splitting tools and terminals."""
     return "".join(json_line(r) + "\n" for r in records).encode("utf-8")
