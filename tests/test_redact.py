@@ -3,8 +3,9 @@
 The properties: no literal's content (strings in every form, numbers, comments, the argument
 of PASSWORD) survives, under either reading of backslashes (standard_conforming_strings on
 or off), even cut short anywhere; the result is idempotent and does not depend on the amount
-or kind of whitespace between tokens (where both readings agree on the tokens). Megabyte hostile inputs must finish in linear time:
-the deadline below is generous for a linear scanner, and hours away for a quadratic one.
+or kind of whitespace between tokens (where both readings agree on the tokens). Megabyte
+hostile inputs must finish in linear time: the deadline below is generous for a linear
+scanner, and hours away for a quadratic one.
 """
 
 from __future__ import annotations
