@@ -297,7 +297,7 @@ def _once_per_session(records: Iterable[Record], summary: Summary) -> Iterator[R
     A session is (target, server, pid, backend_start): a dry run that recorded the same
     leaked session every sweep (before it learned to record it once) counts it once,
     and a session signalled and confirmed has one record anyway. Records without a pid
-    or backend_start count one each. Keys are kept as hashes: 1M sessions, about 60 MB.
+    or backend_start count one each. Keys are kept as hashes: 1M sessions, about 70 MB.
     """
     seen: set[int] = set()
     for rec in records:
