@@ -95,6 +95,7 @@ async def sweep_target(
         # The signals went out: what they did still reaches alerts and metrics; the records
         # stay queued or held back and are written once the log takes them.
         report.duration = time.monotonic() - started
+        _log_outcomes(target.name, outcomes)
         raise AuditError(str(exc), report if live else None) from None
     report.duration = time.monotonic() - started
     _log_outcomes(target.name, outcomes)
