@@ -251,9 +251,10 @@ def patched(unsafe_act: bool, act_delay: float, rng: random.Random) -> Iterator[
         wd_queries.ACT = UNSAFE_ACT
     if act_delay > 0:
 
-        async def slow_execute(conn: Any, actions: Any, timeout: float | None = None) -> Any:
+        async def slow_execute(conn: Any, actions: Any, timeout: float | None = None,
+                               known: Any = None) -> Any:
             await asyncio.sleep(rng.uniform(0, act_delay))  # sessions change meanwhile
-            return await wd_act.execute(conn, actions, timeout=timeout)
+            return await wd_act.execute(conn, actions, timeout=timeout, known=known)
 
         wd_sweep.execute = slow_execute  # type: ignore[assignment]
     try:

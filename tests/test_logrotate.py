@@ -103,3 +103,42 @@ def test_audit_files_orders_both_styles_and_skips_journals(tmp_path: Path) -> No
     (tmp_path / "audit.jsonl.intents.1").mkdir()  # a directory is never a log
     (tmp_path / "audit.jsonl.bak").write_bytes(b"")
     assert [p.name for p in audit_files(path)] == names
+
+
+def test_shipped_maxsize_rotates_a_fast_growing_log_before_the_week_is_out(
+    tmp_path: Path,
+) -> None:
+    """The shipped `maxsize` (scaled down here from 100M to 4k) makes logrotate's daily run
+    rotate a log that grew past it, though a week has not passed; nothing is lost."""
+    text = SHIPPED.read_text()
+    assert re.search(r"^\s*maxsize 100M$", text, flags=re.M), "the shipped file lacks maxsize"
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o750)
+    audit_path = logs / "audit.jsonl"
+    conf = _config(tmp_path, audit_path, "dateext")
+    conf.write_text(conf.read_text().replace("maxsize 100M", "maxsize 4k"))
+    state = tmp_path / "logrotate.state"
+    audit = AuditLog(audit_path)
+    audit.append([_record(0)])
+    _daily(conf, state)  # first sight of the log: noted, not rotated
+    assert sorted(p.name for p in logs.iterdir()) == ["audit.jsonl"]
+    audit.append([_record(n) for n in range(1, 40)])
+    assert audit_path.stat().st_size > 4096
+    _next_second()
+    _daily(conf, state)
+    rotated = [p.name for p in logs.iterdir() if p.name != "audit.jsonl"]
+    assert len(rotated) == 1 and re.fullmatch(r"audit\.jsonl-\d{8}-\d{10}", rotated[0]), rotated
+    audit.append([_record(40)])
+    res = run_cli("audit", "--file", audit_path, "--json")
+    assert res.returncode == 0, res.stderr
+    got = [json.loads(x) for x in res.stdout.splitlines() if x.strip()]
+    assert [r["pid"] for r in got] == [1000 + n for n in range(41)]
+    audit.close()
+
+
+def _daily(conf: Path, state: Path) -> None:
+    """logrotate as its daily timer runs it: not forced."""
+    res = subprocess.run([LOGROTATE, "-v", "-s", str(state), str(conf)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    assert "error" not in res.stderr.lower(), res.stderr

@@ -36,9 +36,16 @@ def dry_outcomes(actions: Sequence[Action]) -> list[Outcome]:
 
 
 async def execute(
-    conn: Any, actions: Sequence[Action], timeout: float | None = None
+    conn: Any,
+    actions: Sequence[Action],
+    timeout: float | None = None,
+    known: dict[int, Outcome] | None = None,
 ) -> list[Outcome]:
-    """Signal ``actions`` (none of them dry) in one statement and confirm terminations."""
+    """Signal ``actions`` (none of them dry) in one statement and confirm terminations.
+
+    ``known`` (by pid) gets each outcome as soon as it is certain, so a caller interrupted
+    during the confirmation still records the rows the server already answered for.
+    """
     if not actions:
         return []
     if any(a.dry_run for a in actions):
@@ -84,6 +91,8 @@ async def execute(
             outcomes[a.session.pid] = Outcome(a, "cancelled")
         else:
             terminated.append(a)
+    if known is not None:
+        known.update(outcomes)
     try:
         survivors = await _survivors(conn, terminated, timeout)
     except Exception as exc:  # the signals went out; say we could not confirm
@@ -97,6 +106,8 @@ async def execute(
             if survived
             else Outcome(a, "terminated")
         )
+    if known is not None:
+        known.update(outcomes)
     return [outcomes[a.session.pid] for a in actions]
 
 

@@ -95,6 +95,13 @@ async def _sweep_all(config: Config, alerts: Alerts, dry_run: bool, as_json: boo
             alerts.trouble(kind, str(result), target.name, logged=False)
             alerts.checkin(target.name, "error")
             print(f"pg-watchdog: {log_text(str(result))}", file=sys.stderr)
+            done = result.report if isinstance(result, AuditError) else None
+            if done is not None:  # signals went out before the log failed: say what they did
+                alerts.swept(done)
+                out.append(_summary(done) | {"error": str(result)})
+                if not as_json:
+                    write_table(done.records, sys.stdout)
+                continue
             out.append({"target": target.name, "error": str(result)})
             continue
         alerts.swept(result)

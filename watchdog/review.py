@@ -20,11 +20,12 @@ import os
 import re
 import sys
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from watchdog import auditdir
 from watchdog.escape import json_line
 from watchdog.review_render import (
     Summary,
@@ -120,31 +121,50 @@ def audit_files(path: Path) -> list[Path]:
     """The rotated files of `path`, oldest first, then `path` itself if it exists."""
     pattern = re.compile(re.escape(path.name) + _ROTATED)
     rotated: list[tuple[int, str, int, str, Path]] = []
-    with contextlib.suppress(OSError):
-        for entry in path.parent.iterdir():
+    with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
+        for entry in entries:
             m = pattern.fullmatch(entry.name)
-            if m is None or not entry.is_file():
+            if m is None:
+                continue
+            if entry.is_symlink():
+                # Whoever owns the directory could point it at a file only root may read.
+                _warn(f"not following {path.parent / entry.name}: {auditdir.SYMLINK}")
+                continue
+            if not entry.is_file(follow_symlinks=False):
                 continue
             number, date, epoch, _ = m.groups()
+            file = path.parent / entry.name
             if date is not None:
                 # %Y%m%d, %Y%m%d%H, ... : padded, so a longer stamp of the same day sorts after.
-                rotated.append((0, date.ljust(14, "0"), int(epoch or 0), entry.name, entry))
+                rotated.append((0, date.ljust(14, "0"), int(epoch or 0), entry.name, file))
             else:
-                rotated.append((1, "", -int(number), entry.name, entry))
+                rotated.append((1, "", -int(number), entry.name, file))
     files = [entry for *_, entry in sorted(rotated)]
-    if path.exists() or not files:
+    if os.path.lexists(path) or not files:
         files.append(path)
     return files
 
 
-def _open(path: Path) -> io.BufferedIOBase:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rb")
-    if path.suffix == ".bz2":
-        return bz2.open(path, "rb")
-    if path.suffix == ".xz":
-        return lzma.open(path, "rb")
-    return path.open("rb")
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator[io.BufferedIOBase]:
+    """`path` for reading, never through a symbolic link, only if it is a regular file."""
+    dir_fd = auditdir.open_dir(path.parent)
+    try:
+        fd = auditdir.open_file(dir_fd, path.name, os.O_RDONLY, path)
+    finally:
+        os.close(dir_fd)
+    with os.fdopen(fd, "rb") as raw:
+        if path.suffix == ".gz":
+            with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
+                yield gz
+        elif path.suffix == ".bz2":
+            with bz2.BZ2File(raw, "rb") as bz:
+                yield bz
+        elif path.suffix == ".xz":
+            with lzma.LZMAFile(raw, "rb") as xz:
+                yield xz
+        else:
+            yield raw
 
 
 def _loads(line: bytes) -> Record | None:
@@ -204,7 +224,7 @@ def iter_records(path: Path, since: datetime | None = None) -> Iterator[Record]:
             yield from _read_file(file)
             continue
         try:
-            if since is not None and file.stat().st_mtime < since.timestamp():
+            if since is not None and os.lstat(file).st_mtime < since.timestamp():
                 continue
             yield from _read_file(file)
         except (OSError, EOFError, zlib.error) as e:
@@ -271,6 +291,27 @@ def _matcher(
     return match
 
 
+def _once_per_session(records: Iterable[Record], summary: Summary) -> Iterator[Record]:
+    """Each session once per policy and outcome; every record counted in summary.records.
+
+    A session is (target, server, pid, backend_start): a dry run that recorded the same
+    leaked session every sweep (before it learned to record it once) counts it once,
+    and a session signalled and confirmed has one record anyway. Records without a pid
+    or backend_start count one each. Keys are kept as hashes: 1M sessions, about 70 MB.
+    """
+    seen: set[int] = set()
+    for rec in records:
+        summary.records += 1
+        pid, start = rec.get("pid"), rec.get("backend_start")
+        if isinstance(pid, int) and isinstance(start, str):
+            session = (rec.get("target"), rec.get("server"), pid, start)
+            key = hash((*session, rec.get("policy"), rec.get("outcome")))
+            if key in seen:
+                continue
+            seen.add(key)
+        yield rec
+
+
 def _silence_stdout() -> None:
     """After EPIPE (`| head`), point stdout at /dev/null so the exit flush stays quiet."""
     with contextlib.suppress(OSError, ValueError):
@@ -306,11 +347,12 @@ def run(args: argparse.Namespace, audit_path_from_config: Callable[[str | None],
     try:
         files = audit_files(path)
         if files[-1] == path:
-            path.open("rb").close()  # fail before printing anything
+            with _open(path):  # fail before printing anything
+                pass
         records = filter(_matcher(args, since, until), iter_records(path, since))
         if args.summary:
             summary = Summary()
-            for rec in records:
+            for rec in _once_per_session(records, summary):
                 summary.add(rec)
             if args.json:
                 out.write(json_line(summary.as_json()) + "\n")
@@ -324,7 +366,7 @@ def run(args: argparse.Namespace, audit_path_from_config: Callable[[str | None],
     except BrokenPipeError:
         _silence_stdout()
     except OSError as e:
-        _warn(f"cannot read audit log {e.filename or path}: {_reason(e)}")
+        _warn(f"cannot read audit log {path}: {_reason(e)}")
         return 1
     except KeyboardInterrupt:
         return 130

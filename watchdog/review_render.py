@@ -204,10 +204,15 @@ def record_client(rec: Mapping[str, Any]) -> str | None:
 
 
 class Summary:
-    """Counts of records by policy, user, application, outcome and client address."""
+    """Counts by policy, user, application, outcome and client address.
+
+    What one add() counts is the caller's choice (`audit --summary`: a session once per
+    policy and outcome); ``records`` is how many records were read for it.
+    """
 
     def __init__(self) -> None:
         self.total = 0
+        self.records = 0
         self.counts: dict[str, Counter[str]] = {name: Counter() for name, _ in _SUMMARY_FIELDS}
 
     def add(self, rec: Mapping[str, Any]) -> None:
@@ -220,14 +225,17 @@ class Summary:
         return sorted(self.counts[name].items(), key=lambda kv: (-kv[1], kv[0]))
 
     def as_json(self) -> dict[str, Any]:
-        result: dict[str, Any] = {"total": self.total}
+        result: dict[str, Any] = {"total": self.total, "records": self.records}
         for name, _ in _SUMMARY_FIELDS:
             result[f"by_{name}"] = dict(self._sorted(name))
         return result
 
     def write_text(self, out: TextIO) -> None:
         digits = len(str(self.total))
-        lines = [f"total  {self.total}\n"]
+        lines = [
+            f"total  {self.total}  (sessions, each once per policy and outcome;"
+            f" from {self.records} records)\n"
+        ]
         for name, _ in _SUMMARY_FIELDS:
             lines.append(f"\nby {name}\n")
             for key, count in self._sorted(name):

@@ -141,7 +141,8 @@ class TargetRunner:
         # Only an instance that may act competes; per-policy dry_run does not make it dry.
         dry = dry_run or config.dry_run
         try:
-            async with asyncio.timeout(sweep_timeout(self.target.interval)):
+            # The budget is the server's: it stops while the audit log is written.
+            async with asyncio.timeout(sweep_timeout(self.target.interval)) as budget:
                 await self._lead(config.lock_key, competes=not dry)
                 return await sweep_target(
                     self.conn,
@@ -154,9 +155,10 @@ class TargetRunner:
                     # would-be actions without the lock, as `once --dry-run` does.
                     leader=self.leader or dry,
                     poolers=self.poolers,
+                    budget=budget,
                 )
         except AuditError:
-            raise
+            raise  # the disk's trouble, not the server's: connection and lock stay
         except Exception as exc:
             if not isinstance(exc, _SERVER_TROUBLE):
                 # Not the server's doing: a bug of ours. Keep its traceback for the journal.

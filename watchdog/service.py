@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from watchdog import audit_io
 from watchdog.alerts import Alerts
 from watchdog.audit import AuditError, AuditLog
 from watchdog.config import Config, load_config
@@ -119,6 +120,9 @@ class Service:
             self._trouble(
                 "audit", str(exc), name, "nothing will be signalled until it can be written"
             )
+            if exc.report is not None:  # signals went out before the log failed: say so
+                self.alerts.swept(exc.report)
+                self.metrics.swept(exc.report)
             self.alerts.checkin(name, "error", time.monotonic() - started)
         except TargetError as exc:
             self._trouble("unreachable", str(exc), name)
@@ -193,6 +197,8 @@ class Service:
 
     def _recovered(self, name: str) -> None:
         for key in [k for k in self.troubled if k.startswith(f"{name}:")]:
+            if key == f"{name}:audit" and audit_io.is_stalled(self.audit):
+                continue  # a sweep that wrote nothing proves nothing about the stalled log
             log.info("%s: recovered (%s)", name, key.split(":", 1)[1])
             del self.troubled[key]
 
@@ -319,7 +325,14 @@ class Service:
             # Each sweep ends by its own timeout at the latest.
             longest = max(sweep_timeout(t.interval) for t in self.config.targets)
             await asyncio.wait(set(self.inflight), timeout=longest + 5)
+        # Sweeps still running are cancelled; their last records must be queued before the
+        # log closes (close() writes what was queued), or they would race it.
+        stuck = set(self.inflight)
         self.scheduler.shutdown(wait=False)
+        for task in stuck:
+            task.cancel()
+        if stuck:
+            await asyncio.gather(*stuck, return_exceptions=True)
         if pinger is not None:
             pinger.cancel()
         # Concurrently: each close may wait up to 2 s for a slow server.

@@ -7,16 +7,17 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from watchdog import audit_io
 from watchdog.act import dry_outcomes, execute
-from watchdog.audit import AuditLog, make_record
+from watchdog.audit import AuditError, AuditLog, make_record
 from watchdog.config import Config, Target
 from watchdog.connect import STATEMENT_TIMEOUT
 from watchdog.decide import decide
-from watchdog.model import Decision, Outcome, Snapshot
+from watchdog.model import Action, Decision, Outcome, Snapshot
 from watchdog.pooler import attribute, describe_client
 from watchdog.pooler_watch import PoolerRound
 from watchdog.snapshot import take_snapshot
@@ -52,8 +53,13 @@ async def sweep_target(
     dry_run: bool = False,
     leader: bool = True,
     poolers: PoolerWatch | None = None,
+    budget: asyncio.Timeout | None = None,
 ) -> SweepReport:
-    """Run one sweep; AuditError means nothing was signalled (or the records are pending)."""
+    """Run one sweep; AuditError means nothing was signalled (or the records are pending).
+
+    An AuditError raised after signals went out carries the report of what was done.
+    `budget`: the caller's server timeout, paused while the audit log is written.
+    """
     started = time.monotonic()
     snapshot, pooled = await look(conn, server, poolers, config.member_roles())
     decision = decide(snapshot, config, target.name, dry_run=dry_run, explain=False)
@@ -62,36 +68,35 @@ async def sweep_target(
     # not only when another action comes; AuditError (nothing signalled) while it fails.
     # Most sweeps have none: no thread hop for them (flush_backlog checks again, locked).
     if audit.backlog:
-        await asyncio.to_thread(audit.flush_backlog)
-    if not leader or not decision.actions:
+        await audit_io.call(audit, audit.flush_backlog, budget=budget)
+    dry = [a for a in decision.actions if a.dry_run] if leader else []
+    fresh = audit.dry_recorded.fresh(target.name, dry_outcomes(dry), snapshot.sessions)
+    live = [a for a in decision.actions if not a.dry_run]
+    if not leader or not (live or fresh):
         report.duration = time.monotonic() - started
         return report
 
     sweep = uuid.uuid4().hex[:16]
-    live = [a for a in decision.actions if not a.dry_run]
-    outcomes = dry_outcomes([a for a in decision.actions if a.dry_run])
 
     def records(items: list[Outcome]) -> list[dict[str, Any]]:
         return [
             make_record(o, server=server, sweep=sweep, query_mode=config.audit.query) for o in items
         ]
 
+    # A dry run records each session and policy once, not once per sweep.
+    outcomes = fresh
     if live:
-        # Write-ahead: no signal leaves before its intent is on disk.
-        intents = records([Outcome(a, "intent") for a in live])
-        await asyncio.to_thread(audit.write_intents, intents)
-        try:
-            outcomes += await execute(conn, live, timeout=STATEMENT_TIMEOUT)
-        except BaseException:
-            # Cancelled mid-statement (timeout, shutdown): signals may have gone out.
-            why = "sweep interrupted while signalling; outcome not confirmed"
-            await asyncio.to_thread(
-                audit.append, records([Outcome(a, "unconfirmed", why) for a in live])
-            )
-            raise
+        outcomes += await _signal(conn, audit, live, sweep, records, budget)
     report.outcomes = outcomes
     report.records = records(outcomes)
-    await asyncio.to_thread(audit.append, report.records)
+    try:
+        await audit_io.call(audit, audit.append, report.records, budget=budget)
+    except AuditError as exc:
+        # The signals went out: what they did still reaches alerts and metrics; the records
+        # stay queued or held back and are written once the log takes them.
+        report.duration = time.monotonic() - started
+        _log_outcomes(target.name, outcomes)
+        raise AuditError(str(exc), report if live else None) from None
     report.duration = time.monotonic() - started
     _log_outcomes(target.name, outcomes)
     if decision.over_limit:
@@ -102,6 +107,41 @@ async def sweep_target(
             config.limits.max_per_sweep,
         )
     return report
+
+
+async def _signal(
+    conn: Any,
+    audit: AuditLog,
+    live: list[Action],
+    sweep: str,
+    records: Callable[[list[Outcome]], list[dict[str, Any]]],
+    budget: asyncio.Timeout | None,
+) -> list[Outcome]:
+    """Write ahead, then signal `live`; each outcome recorded honestly if interrupted."""
+    if audit_io.is_stalled(audit):
+        # A write is stuck already: queueing intents behind it would only pile them up.
+        raise AuditError(audit_io.stalled(audit))
+    try:
+        # Write-ahead: no signal leaves before its intent is on disk.
+        await audit_io.call(
+            audit, audit.write_intents, records([Outcome(a, "intent") for a in live]),
+            budget=budget,
+        )
+    except BaseException:
+        # Nothing was signalled. Intents that reached the journal anyway (or will, once a
+        # late write finishes) are settled as such, never left for `unconfirmed`.
+        audit.submit(audit.abandon, sweep)
+        raise
+    known: dict[int, Outcome] = {}
+    try:
+        return await execute(conn, live, timeout=STATEMENT_TIMEOUT, known=known)
+    except BaseException:
+        # Interrupted (timeout, shutdown) after the statement went out: signals may have
+        # gone out. Outcomes already known (skipped, gone, refused) stay as they are.
+        why = "sweep interrupted while signalling; outcome not confirmed"
+        final = [known.get(a.session.pid) or Outcome(a, "unconfirmed", why) for a in live]
+        audit.submit(audit.append, records(final))  # in order, before the log closes
+        raise
 
 
 async def look(
