@@ -172,7 +172,7 @@ async def _intent_records(pg: TempCluster, tmp_path: Path, n: int,
     actions = list(decide(snapshot, config, "main").actions)
     assert len(actions) == n, actions
     server = f"127.0.0.1:{pg.port}"
-    records = [make_record(Outcome(a, "intent"), server=server, sweep=sweep, query_mode="truncate")
+    records = [make_record(Outcome(a, "intent"), server=server, sweep=sweep, query=a.session.query)
                for a in actions]
     return records, actions
 
@@ -220,7 +220,7 @@ async def test_settled_intents_are_not_duplicated(
         audit = AuditLog(tmp_path / "audit.jsonl")
         audit.write_intents(settled)
         finals = [make_record(Outcome(a, "terminated"), server=f"127.0.0.1:{pg.port}",
-                              sweep="sweep-settled", query_mode="truncate") for a in actions]
+                              sweep="sweep-settled", query=a.session.query) for a in actions]
         with monkeypatch.context() as m:  # keep the journal as the append left it
             m.setattr(os, "ftruncate", lambda fd, n: None)
             audit.append(finals)

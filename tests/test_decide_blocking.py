@@ -113,10 +113,10 @@ def test_every_action_carries_blocking_and_the_record_says_so() -> None:
     by_pid = {a.session.pid: a for a in d.actions}
     assert by_pid[10].blocking == Blocking(1, 2.0)
     assert by_pid[11].blocking is None
-    rec = make_record(Outcome(by_pid[10], "terminated"), server="s", sweep="x", query_mode="full")
+    rec = make_record(Outcome(by_pid[10], "terminated"), server="s", sweep="x", query=None)
     assert rec["blocking"] == {"sessions": 1, "longest_wait_s": 2.0}
     assert rec["xmin_age"] == 1234
-    rec = make_record(Outcome(by_pid[11], "terminated"), server="s", sweep="x", query_mode="full")
+    rec = make_record(Outcome(by_pid[11], "terminated"), server="s", sweep="x", query=None)
     assert rec["blocking"] == {"sessions": 0, "longest_wait_s": 0.0}
     assert rec["xmin_age"] is None
 

@@ -252,7 +252,7 @@ def records_for(*links: PoolerLink | None) -> list[dict[str, object]]:
         snap = replace(snapshot(s), pooled={} if link is None else {s.pid: link})
         [action] = decide(snap, config(), "main").actions
         out.append(make_record(Outcome(action, "terminated"), server="db:5432", sweep="s",
-                               query_mode="truncate"))
+                               query=action.session.query))
     return out
 
 

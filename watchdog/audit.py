@@ -59,20 +59,25 @@ def iso(ts: datetime | None) -> str | None:
     return ts.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def shown_query(query: str | None, mode: str) -> str | None:
+    """What of a session's query text goes into its records, per ``audit.query``."""
+    if query is None or mode == "full":
+        return query
+    if mode == "redact":
+        return redact(query)
+    if mode == "truncate":
+        return query[:QUERY_TRUNCATE]
+    return None  # omit, and any mode this code does not know: never more than asked for
+
+
 def make_record(
-    o: Outcome, *, server: str, sweep: str, query_mode: str, ts: datetime | None = None
+    o: Outcome, *, server: str, sweep: str, query: str | None, ts: datetime | None = None
 ) -> Record:
-    """The audit record of one outcome, with every field the README's audit log section lists."""
+    """The audit record of one outcome, with every field the README's audit log section lists.
+
+    ``query``: the session's query text as the records show it (``shown_query``).
+    """
     a, s = o.action, o.action.session
-    query = s.query
-    if query is None or query_mode == "full":
-        pass
-    elif query_mode == "redact":
-        query = redact(query)
-    elif query_mode == "truncate":
-        query = query[:QUERY_TRUNCATE]
-    else:  # omit, and any mode this code does not know: never more than asked for
-        query = None
     return {
         "ts": iso(ts or datetime.now(UTC)),
         "target": a.target,

@@ -12,8 +12,9 @@ settled as not signalled by the AuditLog.abandon() queued behind them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from watchdog.audit import AuditError, AuditLog
@@ -45,6 +46,21 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
         fut.exception()
 
 
+@contextlib.asynccontextmanager
+async def paused(budget: asyncio.Timeout | None) -> AsyncIterator[None]:
+    """The sweep's server timeout stopped for the block: local work is not the server's time."""
+    loop = asyncio.get_running_loop()
+    deadline = budget.when() if budget is not None and not budget.expired() else None
+    if budget is not None and deadline is not None:
+        budget.reschedule(None)
+    started = loop.time()
+    try:
+        yield
+    finally:
+        if budget is not None and deadline is not None and not budget.expired():
+            budget.reschedule(deadline + (loop.time() - started))
+
+
 async def call(
     audit: AuditLog,
     fn: Callable[..., T],
@@ -55,18 +71,11 @@ async def call(
 
     `budget`: the sweep's server timeout, paused while the log is written.
     """
-    loop = asyncio.get_running_loop()
-    deadline = budget.when() if budget is not None and not budget.expired() else None
-    if budget is not None and deadline is not None:
-        budget.reschedule(None)
-    started = loop.time()
-    fut = asyncio.wrap_future(audit.submit(fn, *args))
-    fut.add_done_callback(_retrieve)
-    try:
-        async with asyncio.timeout(AUDIT_TIMEOUT):
-            return await asyncio.shield(fut)
-    except TimeoutError:
-        raise AuditError(stalled(audit)) from None
-    finally:
-        if budget is not None and deadline is not None and not budget.expired():
-            budget.reschedule(deadline + (loop.time() - started))
+    async with paused(budget):
+        fut = asyncio.wrap_future(audit.submit(fn, *args))
+        fut.add_done_callback(_retrieve)
+        try:
+            async with asyncio.timeout(AUDIT_TIMEOUT):
+                return await asyncio.shield(fut)
+        except TimeoutError:
+            raise AuditError(stalled(audit)) from None
