@@ -168,6 +168,9 @@ class FakeConsole:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.log = Path(args.log)
+        # Encoded before it listens: the console then sends as fast as the socket takes it.
+        self.huge = b"".join(_socket_row({"ptr": f"0x{i + 4096:x}", "port": 1024 + i % 60000})
+                             for i in range(args.rows if args.mode == "huge" else 0))
 
     def _sockets(self) -> list[dict[str, Any]]:
         own = {"type": "C", "user": "watchdog", "database": "pgbouncer", "ptr": "0xa0"}
@@ -211,8 +214,8 @@ class FakeConsole:
         if mode == "wrong-types":
             rows += [{"type": "S", "ptr": f"0xb{i}", **bad} for i, bad in enumerate(WRONG)]
         if mode == "huge":
-            rows += [{"ptr": f"0x{i + 4096:x}", "port": 1024 + i % 60000}
-                     for i in range(self.args.rows)]
+            w.write(b"".join(_socket_row(r) for r in rows) + self.huge + _done("SHOW"))
+            return
         if mode == "endless":
             i = 0
             while True:

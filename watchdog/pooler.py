@@ -13,12 +13,11 @@ import functools
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from watchdog import pooler_rows as shapes
 from watchdog.config import Config, PoolerConfig
 from watchdog.model import APPLICATION_NAME, ClientUnknown, PoolerClient, PoolerLink, Session
-from watchdog.pooler_read import SMALL, Caps, show
+from watchdog.pooler_read import SMALL, Caps, Console, show
 from watchdog.pooler_rows import PoolStats, Socket
 
 __all__ = ["PoolStats", "PoolerLook", "Socket", "attribute", "describe_client", "real_addr"]
@@ -68,34 +67,39 @@ class PoolerLook:
         return list(self.pool_stats)
 
 
-async def connect_pooler(pooler: PoolerConfig) -> Any:
-    """A psycopg connection to the admin console: autocommit, simple protocol, no server
-    settings (PgBouncer refuses startup parameters it does not know)."""
+async def connect_pooler(pooler: PoolerConfig) -> Console:
+    """The admin console: a psycopg connection (autocommit, simple protocol, no server
+    settings: PgBouncer refuses startup parameters it does not know), metered by a Relay."""
     import psycopg
 
-    return await psycopg.AsyncConnection.connect(
+    conn = await psycopg.AsyncConnection.connect(
         pooler.dsn,
         autocommit=True,
         connect_timeout=int(CONNECT_TIMEOUT),
         application_name=APPLICATION_NAME,
         cursor_factory=psycopg.AsyncClientCursor,
     )
+    try:
+        return Console(conn)
+    except BaseException:
+        await conn.close()
+        raise
 
 
-async def max_client_conn(conn: Any) -> int | None:
+async def max_client_conn(console: Console) -> int | None:
     """The pooler's max_client_conn (read once per connection: it changes only on RELOAD)."""
-    return shapes.max_client_conn(await show(conn, shapes.CONFIG, SMALL))
+    return shapes.max_client_conn(await show(console, shapes.CONFIG, SMALL))
 
 
-async def read_sockets(conn: Any, limit: int | None) -> shapes.Rows[Socket]:
+async def read_sockets(console: Console, limit: int | None) -> shapes.Rows[Socket]:
     """Every client and server socket of the pooler, within the caps its limit allows."""
-    return await show(conn, shapes.SOCKETS, Caps.for_clients(limit))
+    return await show(console, shapes.SOCKETS, Caps.for_clients(limit))
 
 
-async def read_health(conn: Any, limit: int | None) -> tuple[tuple[PoolStats, ...], int]:
+async def read_health(console: Console, limit: int | None) -> tuple[tuple[PoolStats, ...], int]:
     """The pools that hold anyone (SHOW POOLS) and the clients in use (SHOW LISTS)."""
-    pools = await show(conn, shapes.POOLS, Caps.for_clients(limit))
-    used = shapes.used_clients(await show(conn, shapes.LISTS, SMALL))
+    pools = await show(console, shapes.POOLS, Caps.for_clients(limit))
+    used = shapes.used_clients(await show(console, shapes.LISTS, SMALL))
     return tuple(p for p in pools.rows if not p.empty), used
 
 

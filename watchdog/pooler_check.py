@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from watchdog import pooler_rows as shapes
 from watchdog.config import PoolerConfig, Target
@@ -37,8 +36,7 @@ async def check_pooler(target: Target, pooler: PoolerConfig) -> tuple[bool, str]
             " (put the role in PgBouncer's stats_users)"
         )
     finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(conn.close(), 2)
+        await conn.close()
     return True, (
         f"pooler {pooler.name}: can run SHOW POOLS, LISTS and SOCKETS"
         f" (max_client_conn {limit})"

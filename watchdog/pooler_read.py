@@ -12,14 +12,11 @@ worker thread, a batch at a time, so a huge answer never stalls the event loop.
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import os
-import socket
-import struct
-import termios
+import contextlib
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from watchdog.pooler_relay import Relay
 from watchdog.pooler_rows import AnswerError, Raw, Rows, Shape
 
 T = TypeVar("T")
@@ -32,9 +29,10 @@ ROWS_PER_CLIENT = 4
 MIN_ROWS = 1_000
 MAX_ROWS = 200_000
 # A SHOW SOCKETS row is 250-350 bytes on the wire (PgBouncer 1.18, 25 columns); a client
-# may choose an application_name up to PgBouncer's 4 kB packet buffer. 1 kB a row on average.
+# may choose an application_name up to PgBouncer's 4 kB packet buffer. 1 kB a row on average,
+# and never more than 64 MB in all (100,000 real sockets take about 30 MB).
 BYTES_PER_ROW = 1024
-_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received in Linux's struct tcp_info
+MAX_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -49,7 +47,7 @@ class Caps:
         """Caps for a pooler of ``max_client_conn`` clients (None: unknown)."""
         rows = ROWS_PER_CLIENT * (max_client_conn or MAX_ROWS)
         rows = min(max(rows, MIN_ROWS), MAX_ROWS)
-        return cls(rows, rows * BYTES_PER_ROW)
+        return cls(rows, min(rows * BYTES_PER_ROW, MAX_BYTES))
 
 
 SMALL = Caps(MIN_ROWS, MIN_ROWS * BYTES_PER_ROW)  # SHOW CONFIG, SHOW LISTS
@@ -59,44 +57,23 @@ class ConsoleError(Exception):
     """The console answered the command with an error (e.g. the role may not run it)."""
 
 
-def _pending(fd: int) -> int:
-    """Bytes the kernel holds for ``fd``: not read yet."""
-    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
+class Console:
+    """A connection to a pooler's admin console: psycopg's, its bytes metered by a Relay."""
 
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.relay = Relay(conn.pgconn.socket)
 
-class _Received:
-    """Bytes the console has sent since the command, counted by the kernel.
+    @property
+    def closed(self) -> bool:
+        return bool(self.conn.closed) or not self.relay.alive
 
-    Over TCP exactly (tcp_info's bytes_received, ciphertext under TLS); over a Unix socket
-    as the growth of the receive queue between two reads, which misses only what arrives
-    during libpq's own read call.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        with socket.socket(fileno=os.dup(fd)) as sock:
-            self.tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
-        self.start = self._tcp_total() if self.tcp else 0
-        self.total = self.left = 0
-
-    def _tcp_total(self) -> int:
-        with socket.socket(fileno=os.dup(self.fd)) as sock:
-            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-        if len(info) < _BYTES_RECEIVED + 8:  # a kernel before 4.1
-            self.tcp = False
-            return 0
-        return int(struct.unpack_from("Q", info, _BYTES_RECEIVED)[0])
-
-    def before_read(self) -> int:
-        """The bytes so far, taken just before libpq reads the socket."""
-        if self.tcp:
-            return self._tcp_total() - self.start
-        self.total += max(_pending(self.fd) - self.left, 0)
-        return self.total
-
-    def after_read(self) -> None:
-        if not self.tcp:
-            self.left = _pending(self.fd)
+    async def close(self) -> None:
+        try:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.conn.close(), 1)
+        finally:
+            await self.relay.close()
 
 
 async def _ready(fd: int, write: bool = False) -> None:
@@ -129,19 +106,20 @@ def _cut(rows: Rows[Any], batch: list[Any]) -> None:
         rows.feed(raws)
 
 
-async def show(conn: Any, shape: Shape[T], caps: Caps) -> Rows[T]:
-    """Run ``shape.command`` on ``conn`` (a psycopg AsyncConnection to the console).
+async def show(console: Console, shape: Shape[T], caps: Caps) -> Rows[T]:
+    """Run ``shape.command`` on the console and check its answer.
 
     AnswerError when the answer passes ``caps`` or lacks a column; ConsoleError when the
-    console refuses the command. Anything but a complete answer leaves ``conn`` closed: an
-    answer abandoned midway cannot be resynchronised.
+    console refuses the command. Anything but a complete answer leaves the console closed:
+    an answer abandoned midway cannot be resynchronised.
     """
     from psycopg import capabilities
     from psycopg.pq import ExecStatus, Format
 
-    pgconn = conn.pgconn
+    pgconn = console.conn.pgconn
     rows: Rows[T] = Rows(shape)
     complete = False
+    console.relay.allow(caps.bytes)
     try:
         pgconn.send_query(shape.command.encode())
         if capabilities.has_stream_chunked():
@@ -150,22 +128,26 @@ async def show(conn: Any, shape: Shape[T], caps: Caps) -> Rows[T]:
             pgconn.set_single_row_mode()
         while pgconn.flush():
             await _ready(pgconn.socket, write=True)
-        received = _Received(pgconn.socket)
         count = 0
         batch: list[Any] = []
         while True:
             while pgconn.is_busy():
                 await _ready(pgconn.socket)
-                if received.before_read() > caps.bytes:
-                    raise AnswerError(f"answer to {shape.command} passes {caps.bytes} bytes")
-                pgconn.consume_input()
-                received.after_read()
+                try:
+                    pgconn.consume_input()
+                except Exception:
+                    if console.relay.exhausted:
+                        raise AnswerError(
+                            f"answer to {shape.command} passes {caps.bytes} bytes") from None
+                    raise
             res = pgconn.get_result()
             if res is None:
                 break
             if res.status == ExecStatus.FATAL_ERROR:
-                message = (res.error_message or b"").decode("utf-8", "replace")
-                raise ConsoleError(message.strip().splitlines()[0] if message.strip() else
+                if console.relay.exhausted:
+                    raise AnswerError(f"answer to {shape.command} passes {caps.bytes} bytes")
+                message = (res.error_message or b"").decode("utf-8", "replace").strip()
+                raise ConsoleError(message.splitlines()[0] if message else
                                    f"{shape.command} failed")
             if res.status not in (ExecStatus.SINGLE_TUPLE, ExecStatus.TUPLES_CHUNK,
                                   ExecStatus.TUPLES_OK):
@@ -190,5 +172,6 @@ async def show(conn: Any, shape: Shape[T], caps: Caps) -> Rows[T]:
         complete = True
         return rows
     finally:
+        console.relay.allow(0)
         if not complete:
             pgconn.finish()

@@ -14,14 +14,12 @@ interval of the target.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from watchdog.candidates import Candidate
 from watchdog.config import PoolerConfig, Target
@@ -42,6 +40,7 @@ from watchdog.pooler import (
     unknown_links,
 )
 from watchdog.pooler_addrs import Addr, PoolerAddrs
+from watchdog.pooler_read import Console
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ def describe_pooler_error(target: str, pooler: PoolerConfig, exc: BaseException)
 class _Held:
     def __init__(self, pooler: PoolerConfig) -> None:
         self.pooler = pooler
-        self.conn: Any = None
+        self.conn: Console | None = None
         self.limit: int | None = None
         self.failures = 0
         self.retry_at = 0.0
@@ -120,8 +119,7 @@ class _Held:
     async def drop(self) -> None:
         conn, self.conn = self.conn, None
         if conn is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 1)
+            await conn.close()
 
 
 def _plan(h: _Held, mine: Sequence[Candidate], now: float) -> tuple[bool, float]:
@@ -153,14 +151,16 @@ class PoolerWatch:
         """Whether each pooler's connection is open."""
         return {name: h.up for name, h in self._held.items()}
 
-    async def _ensure(self, h: _Held) -> None:
-        if h.up:
-            return
+    async def _ensure(self, h: _Held) -> Console:
+        if h.conn is not None and not h.conn.closed:
+            return h.conn
+        await h.drop()
         if time.monotonic() < h.retry_at:
             raise _Waiting
-        h.conn = await asyncio.wait_for(connect_pooler(h.pooler), CONNECT_TIMEOUT + 0.5)
-        h.limit = await asyncio.wait_for(max_client_conn(h.conn), READ_TIMEOUT)
+        h.conn = conn = await asyncio.wait_for(connect_pooler(h.pooler), CONNECT_TIMEOUT + 0.5)
+        h.limit = await asyncio.wait_for(max_client_conn(conn), READ_TIMEOUT)
         log.info("%s: connected to pooler %s", self.target.name, h.pooler.name)
+        return conn
 
     async def _one(self, h: _Held, snapshot: Snapshot | None,
                    wanted: Sequence[Candidate] | None) -> int:
@@ -186,18 +186,18 @@ class PoolerWatch:
             async with asyncio.timeout(BUDGET):
                 if wait > 0:
                     await asyncio.sleep(wait)
-                await self._ensure(h)
+                conn = await self._ensure(h)
                 h.tried = True
                 if sockets:
                     h.sockets_at = time.monotonic()
                     h.sockets = None  # a failed read leaves no answer behind
-                    rows = await asyncio.wait_for(read_sockets(h.conn, h.limit), READ_TIMEOUT)
+                    rows = await asyncio.wait_for(read_sockets(conn, h.limit), READ_TIMEOUT)
                     h.sockets, h.sockets_dropped = tuple(rows.rows), rows.dropped
                     h.as_of = None if snapshot is None else snapshot.now
                     dropped += rows.dropped
                 if health:
                     h.health_at = time.monotonic()
-                    h.health = await asyncio.wait_for(read_health(h.conn, h.limit), READ_TIMEOUT)
+                    h.health = await asyncio.wait_for(read_health(conn, h.limit), READ_TIMEOUT)
         except _Waiting:
             return 0
         except Exception as exc:  # psycopg, OSError, timeouts, answers that do not fit
