@@ -8,6 +8,7 @@ candidate comes from its address.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from datetime import timedelta
 
 from watchdog.config import Config
 from watchdog.decide import excluded_by, never_touched
@@ -44,23 +45,29 @@ def candidates(snapshot: Snapshot, config: Config, target: str, within: float) -
     """
     policies = [p for p in config.policies if p.targets is None or target in p.targets]
     saturation = snapshot.saturation
-    live = [p for p in policies if p.connections_above is None or saturation > p.connections_above]
+    now = snapshot.now
+    # Per policy: a session is near it when it entered its state before this instant.
+    live = [(p, now - timedelta(seconds=p.longer_than - within)) for p in policies
+            if p.connections_above is None or saturation > p.connections_above]
     # The global exclusions that do not depend on the real client spare a backend for good.
     own = replace(config.exclude, client_addrs=(), pooled=False)
+    spared: dict[tuple[object, ...], bool] = {}  # sessions of one application share the answer
     out: list[Candidate] = []
     for s in snapshot.sessions:
         due: float | None = None
-        for p in live:
+        for p, near in live:
             if s.state not in p.states or (since := s.since(p.measured_from)) is None:
                 continue
-            age = (snapshot.now - since).total_seconds()
-            if age > p.longer_than - within:
-                # decide acts once age > longer_than: due_in < 0 exactly then.
+            if since < near:
+                # decide acts once age > longer_than (its very test): due_in < 0 exactly then.
+                age = (now - since).total_seconds()
                 left = p.longer_than - age if age <= p.longer_than else -1.0
                 due = left if due is None else min(due, left)
         if due is None or never_touched(s, snapshot) is not None:
             continue
-        if excluded_by(s, own) is not None:
-            continue
-        out.append(Candidate(s, due))
+        key = (s.rolsuper, s.usename, s.application_name, s.datname, s.query, s.member_of)
+        if (excused := spared.get(key)) is None:
+            excused = spared[key] = excluded_by(s, own) is not None
+        if not excused:
+            out.append(Candidate(s, due))
     return out

@@ -96,11 +96,21 @@ async def read_sockets(console: Console, limit: int | None) -> shapes.Rows[Socke
     return await show(console, shapes.SOCKETS, Caps.for_clients(limit))
 
 
-async def read_health(console: Console, limit: int | None) -> tuple[tuple[PoolStats, ...], int]:
+@dataclass(frozen=True)
+class Health:
     """The pools that hold anyone (SHOW POOLS) and the clients in use (SHOW LISTS)."""
+
+    pools: tuple[PoolStats, ...]
+    clients_used: int
+    dropped: int  # rows of those answers that did not fit
+
+
+async def read_health(console: Console, limit: int | None) -> Health:
+    """The pools' health: two answers of a few rows, whatever the number of connections."""
     pools = await show(console, shapes.POOLS, Caps.for_clients(limit))
-    used = shapes.used_clients(await show(console, shapes.LISTS, SMALL))
-    return tuple(p for p in pools.rows if not p.empty), used
+    lists = await show(console, shapes.LISTS, SMALL)
+    return Health(tuple(p for p in pools.rows if not p.empty), shapes.used_clients(lists),
+                  pools.dropped + lists.dropped)
 
 
 @functools.lru_cache(maxsize=4096)  # connect times repeat (whole seconds) across sockets

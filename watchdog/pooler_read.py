@@ -4,9 +4,10 @@ psycopg's ``Cursor.stream()`` sends the extended protocol, which the console ref
 ("extended query protocol not supported by admin console"), and ``fetchall()`` holds a whole
 answer, however large, before anything can look at it. So this drives libpq through
 psycopg's own low-level interface (``psycopg.pq``): a simple query in chunked-rows mode
-(single-row mode before libpq 17), counting the bytes the socket delivers and the rows,
-giving up as soon as either passes its cap. Rows are checked (watchdog.pooler_rows) in a
-worker thread, a batch at a time, so a huge answer never stalls the event loop.
+(single-row mode before libpq 17), its rows counted as they come and its bytes passed by the
+connection's relay (watchdog.pooler_relay) up to the cap only; past either cap the answer is
+given up. Rows are checked (watchdog.pooler_rows) in a worker thread, a batch at a time, so a
+huge answer never stalls the event loop.
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ from watchdog.model import ClientUnknown, PoolerLink, Snapshot
 from watchdog.pooler import (
     CONNECT_TIMEOUT,
     READ_TIMEOUT,
+    Health,
     PoolerLook,
-    PoolStats,
     Socket,
     attribute,
     connect_pooler,
@@ -92,7 +92,7 @@ class _Held:
         self.as_of: datetime | None = None
         self.sockets_dropped = 0
         self.sockets_at = -GAP  # monotonic time of the last SHOW SOCKETS attempt
-        self.health: tuple[tuple[PoolStats, ...], int] | None = None
+        self.health: Health | None = None
         self.health_at = float("-inf")
         self.dropping = False
 
@@ -109,12 +109,11 @@ class _Held:
     def look(self, fresh: bool) -> PoolerLook | None:
         if self.last_error is not None or self.health is None:
             return None
-        pools, used = self.health
         # A SHOW SOCKETS of this round names every backend of this round's snapshot (taken
         # before it); an earlier one only those it covers.
         as_of = None if fresh else self.as_of
-        return PoolerLook(self.pooler.name, self.sockets or (), self.limit, pools, used,
-                          as_of, self.sockets_dropped)
+        return PoolerLook(self.pooler.name, self.sockets or (), self.limit, self.health.pools,
+                          self.health.clients_used, as_of, self.sockets_dropped)
 
     async def drop(self) -> None:
         conn, self.conn = self.conn, None
@@ -198,6 +197,7 @@ class PoolerWatch:
                 if health:
                     h.health_at = time.monotonic()
                     h.health = await asyncio.wait_for(read_health(conn, h.limit), READ_TIMEOUT)
+                    dropped += h.health.dropped
         except _Waiting:
             return 0
         except Exception as exc:  # psycopg, OSError, timeouts, answers that do not fit
@@ -238,7 +238,8 @@ class PoolerWatch:
         errors = {h.pooler.name: e for h in held if (e := h.error()) is not None}
         dropped = {h.pooler.name: n for h, n in zip(held, counts, strict=True) if n}
         for h in held:
-            self._note_drops(h, h.pooler.name in dropped)
+            if h.pooler.name in fresh:
+                self._note_drops(h, h.sockets_dropped > 0)
         links: Mapping[int, PoolerLink] = {}
         if snapshot is not None:
             links = await self._links(held, looks, snapshot, server, fresh)
@@ -259,6 +260,7 @@ class PoolerWatch:
         return unknown_links(snapshot.sessions, links, blind)
 
     def _note_drops(self, h: _Held, now_dropping: bool) -> None:
+        """Log once when a pooler's answers start to lose rows (the metric counts each)."""
         if now_dropping and not h.dropping:
             log.warning("%s: pooler %s: rows of its answer did not fit and were dropped; backends"
                         " from its address without a row are spared", self.target.name,
