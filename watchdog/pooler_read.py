@@ -58,6 +58,11 @@ class ConsoleError(Exception):
     """The console answered the command with an error (e.g. the role may not run it)."""
 
 
+def printable(text: str, width: int = 200) -> str:
+    """The console's own words, as one safe line of a log or an alert."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text[:width])
+
+
 class Console:
     """A connection to a pooler's admin console: psycopg's, its bytes metered by a Relay."""
 
@@ -148,7 +153,7 @@ async def show(console: Console, shape: Shape[T], caps: Caps) -> Rows[T]:
                 if console.relay.exhausted:
                     raise AnswerError(f"answer to {shape.command} passes {caps.bytes} bytes")
                 message = (res.error_message or b"").decode("utf-8", "replace").strip()
-                raise ConsoleError(message.splitlines()[0] if message else
+                raise ConsoleError(printable(message.splitlines()[0]) if message else
                                    f"{shape.command} failed")
             if res.status not in (ExecStatus.SINGLE_TUPLE, ExecStatus.TUPLES_CHUNK,
                                   ExecStatus.TUPLES_OK):

@@ -40,7 +40,7 @@ from watchdog.pooler import (
     unknown_links,
 )
 from watchdog.pooler_addrs import Addr, PoolerAddrs
-from watchdog.pooler_read import Console
+from watchdog.pooler_read import Console, printable
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,9 @@ def describe_pooler_error(target: str, pooler: PoolerConfig, exc: BaseException)
         reason = exc.strerror
     else:
         # libpq's messages run over several lines; the first one says what happened.
+        # (The console may have written it: one printable line, whatever it sent.)
         lines = str(exc).strip().splitlines()
-        reason = lines[0].strip() if lines else type(exc).__name__
+        reason = printable(lines[0].strip()) if lines else type(exc).__name__
     return scrub(f"{target}: pooler {pooler.name}: {reason}", dsn_passwords(pooler.dsn))
 
 
