@@ -22,7 +22,16 @@ import yaml
 from daemon import Daemon, backend_alive
 from helpers import connect, wait_for
 from pgwire import fake_console, queries_seen
-from scenario import APP_ROLE, BIN, cli_env, kill_leftovers, policy_file, read_audit, setup_roles
+from scenario import (
+    APP_ROLE,
+    BIN,
+    cli_env,
+    kill_leftovers,
+    policy_file,
+    read_audit,
+    run_cli,
+    setup_roles,
+)
 from sentry_endpoint import SentryEndpoint
 
 from watchdog.tempcluster import TempCluster
@@ -222,3 +231,14 @@ async def test_a_huge_answer_does_not_stall_the_other_targets(
     records = read_audit(tmp_path / "audit.jsonl")
     assert {r["pid"] for r in records if r["target"] == "b"} == set(pids)
     assert peak < HUGE_BOUND_MB, f"peak {peak:.0f} MB"
+
+
+async def test_check_connect_names_an_answer_that_does_not_fit(
+    roles: TempCluster, tmp_path: Path
+) -> None:
+    with fake_console(tmp_path, "missing") as (port, _, _):
+        path = with_pooler(policy_file(tmp_path, roles), port)
+        result = await run_cli("check", "--connect", "-c", path)
+    assert result.rc == 1, result
+    assert any(line.strip() == "FAIL  pooler fake: connected, but answer to SHOW SOCKETS lacks"
+               " remote_pid" for line in result.stdout.splitlines()), result.stdout
