@@ -387,8 +387,9 @@ def test_candidates_are_judged_without_the_real_client() -> None:
     ex = replace(DEFAULT_EXCLUDE, superusers=True, client_addrs=(net("10.9.8.0/24"),))
     cfg = config(policy(), exclude=ex)
     snap = snapshot(far, near, due, boss, listed)
-    assert horizon(cfg, "main") == 30.0
-    found = {c.session.pid: c for c in candidates(snap, cfg, "main", horizon(cfg, "main"))}
+    main = cfg.target("main")
+    assert horizon(cfg, main) == 30.0
+    found = {c.session.pid: c for c in candidates(snap, cfg, "main", horizon(cfg, main))}
     assert set(found) == {101, 102, 104}
     assert not found[101].due_now and found[102].due_now
     assert {c.session.pid for c in candidates(snap, cfg, "main", 0.0)} == {102, 104}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
-from watchdog.config import Config
+from watchdog.config import Config, Target
 from watchdog.decide import excluded_by, never_touched
 from watchdog.model import Session, Snapshot
 
@@ -27,13 +27,12 @@ class Candidate:
         return self.due_in < 0
 
 
-def horizon(config: Config, target: str) -> float:
+def horizon(config: Config, target: Target) -> float:
     """How far ahead a sweep must know real clients: the service sweeps a target again within
     its interval and within its shortest threshold, so a backend further from every threshold
     is judged again, with a fresh answer, before any policy may act on it."""
-    target_interval = config.target(target).interval
-    return min([target_interval] + [p.longer_than for p in config.policies
-                                    if p.targets is None or target in p.targets])
+    return min([target.interval] + [p.longer_than for p in config.policies
+                                     if p.targets is None or target.name in p.targets])
 
 
 def candidates(snapshot: Snapshot, config: Config, target: str, within: float) -> list[Candidate]:

@@ -118,10 +118,10 @@ async def look(
     snapshot = await take_snapshot(conn, STATEMENT_TIMEOUT, roles)
     if poolers is None:
         return snapshot, PoolerRound()
-    target = poolers.target.name
+    target = poolers.target
     wanted = None
     if config is not None:
-        wanted = candidates(snapshot, config, target, horizon(config, target))
+        wanted = candidates(snapshot, config, target.name, horizon(config, target))
     pooled = await poolers.read(snapshot, server, wanted)
     return dataclasses.replace(snapshot, pooled=pooled.links), pooled
 
