@@ -32,13 +32,14 @@ from watchdog.config import Config, load_config
 from watchdog.connect import connect as connect_target
 from watchdog.connect import server_address
 from watchdog.decide import decide
-from watchdog.model import Verdict
+from watchdog.model import ClientUnknown, Verdict
 from watchdog.pooler_watch import PoolerWatch
 from watchdog.sweep import SweepReport, look, sweep_target
 from watchdog.tempcluster import ClusterError, TempCluster
 from watchdog.temppooler import TempPooler, start_pooler
 
 REAL_CLIENT = "127.0.0.3"  # a loopback address PgBouncer itself never uses towards PostgreSQL
+UNREADABLE = ClientUnknown.UNREADABLE
 
 MakePooler = Callable[..., TempPooler]
 
@@ -274,18 +275,23 @@ async def test_hung_pooler_fails_its_read_not_the_sweep(
 ) -> None:
     pg = roles
     pooler = make_pooler(pool_mode="session")
-    path = write_policies(tmp_path, pg, pooler, idle="1h")
+    # Dry run: the idle session is past its threshold (so the pooler is read) but stays.
+    path = write_policies(tmp_path, pg, pooler, idle="1s", extra={"dry_run": True})
     client = await WireClient.connect(pooler.port, APP_ROLE, "postgres", source=REAL_CLIENT)
     try:
         await client.query("SELECT 1")
         pid = await backend_where(pg, "the session's server", state="idle")
+        await past(1.5)
         async with watching(path) as watch:
             assert (await watch.sweep()).snapshot.pooled[pid].pooler == "pgb1"
             pooler.pause()  # SIGSTOP: its sockets stay open, nothing answers
             try:
+                await past(1.1)  # the last answer is not reused past a second
                 report = await watch.sweep()
                 assert report.poolers.errors == {"pgb1": "main: pooler pgb1: timed out"}
-                assert report.snapshot.pooled == {}  # no attribution while it hangs
+                # While it hangs, its backends are spared: their real client is unknown.
+                link = report.snapshot.pooled[pid]
+                assert (link.pooler, link.client, link.unknown) == ("pgb1", None, UNREADABLE)
                 report = await watch.sweep()  # backing off: no new wait
                 assert report.poolers.errors["pgb1"].endswith("(retrying)")
                 assert not watch.conn.is_closed()
@@ -293,7 +299,8 @@ async def test_hung_pooler_fails_its_read_not_the_sweep(
                 pooler.resume()
 
             async def back() -> bool:
-                return pid in (await watch.sweep()).snapshot.pooled
+                link = (await watch.sweep()).snapshot.pooled.get(pid)
+                return link is not None and link.unknown is None
 
             await wait_for(back, 60, interval=0.2, what="attribution after the pooler resumed")
     finally:
@@ -434,7 +441,8 @@ async def test_clients_near_max_client_conn_raise_one_error_event_per_crossing(
     pooler = make_pooler(settings={"max_client_conn": "10"})
     clients: list[WireClient] = []
     with SentryEndpoint() as sentry:
-        path = write_policies(tmp_path, pg, pooler, extra={
+        # The pools' figures are read once per interval: 1 s here.
+        path = write_policies(tmp_path, pg, pooler, interval="1s", extra={
             "alerts": {"sentry": {"dsn": sentry.dsn, "environment": "test"},
                        "connections_above": "75%"}})
         alerts = Alerts(load_config(str(path)))
@@ -445,28 +453,28 @@ async def test_clients_near_max_client_conn_raise_one_error_event_per_crossing(
                     sentry_sdk.flush(timeout=5)
                     return events(sentry, "pooler-clients")
 
+                async def clients_seen(n: int) -> None:
+                    async def seen() -> bool:
+                        report = await watch.sweep()
+                        alerts.swept(report)
+                        return report.poolers.looks[0].clients_used == n
+
+                    await wait_for(seen, 20, interval=0.1, what=f"{n} clients counted")
+
                 for _ in range(6):  # 7 of 10 with the watchdog's own console connection
                     clients.append(await WireClient.connect(pooler.port, APP_ROLE, "postgres"))
-                alerts.swept(await watch.sweep())
+                await clients_seen(7)
                 assert crossings() == []
                 clients.append(await WireClient.connect(pooler.port, APP_ROLE, "postgres"))
-                report = await watch.sweep()
-                assert report.poolers.looks[0].clients_used == 8
-                alerts.swept(report)
+                await clients_seen(8)
                 alerts.swept(await watch.sweep())  # still above: nothing new
                 [event] = crossings()
                 for c in clients[:3]:
                     c.close()
-
-                async def below() -> bool:
-                    report = await watch.sweep()
-                    alerts.swept(report)
-                    return report.poolers.looks[0].clients_used < 7
-
-                await wait_for(below, 10, interval=0.1, what="clients to leave")
+                await clients_seen(5)
                 for _ in range(3):
                     clients.append(await WireClient.connect(pooler.port, APP_ROLE, "postgres"))
-                alerts.swept(await watch.sweep())  # crosses again: re-armed
+                await clients_seen(8)  # crosses again: re-armed
                 assert len(crossings()) == 2
         finally:
             for c in clients:

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,9 @@ from test_decide_table import (
 from watchdog.audit import make_record
 from watchdog.config import Exclusions, PoolerConfig, load_config
 from watchdog.decide import decide
-from watchdog.model import Outcome, PoolerClient, PoolerLink
+from watchdog.model import ClientUnknown, Outcome, PoolerClient, PoolerLink
 from watchdog.pooler import PoolerLook, Socket, attribute, psycopg_missing
+from watchdog.pooler_rows import POOLS, SOCKETS, AnswerError, Rows
 from watchdog.review import configure_parser, run
 from watchdog.yamlfields import cidr
 from watchdog.yamlpos import ConfigError, YNode
@@ -138,9 +140,9 @@ def test_psycopg_missing_says_only_when_poolers_are_named(tmp_path: Path) -> Non
 
 def sock(kind: str, ptr: str, link: str = "", *, addr: str = "10.2.3.4", port: int = 51234,
          local_addr: str = "127.0.0.1", local_port: int = 40000, pid: int = 0,
-         state: str = "", wait: float = 0.0) -> Socket:
+         state: str = "") -> Socket:
     return Socket(kind, "app", "appdb", state, addr, port, local_addr, local_port,
-                  "2026-11-25 11:59:00 UTC", wait, ptr, link, pid, "web - 10.2.3.4:51234")
+                  "2026-11-25 11:59:00 UTC", ptr, link, pid, "web - 10.2.3.4:51234")
 
 
 def test_backends_are_matched_by_pid_and_both_socket_ends() -> None:
@@ -168,18 +170,86 @@ def test_backends_are_matched_by_pid_and_both_socket_ends() -> None:
     assert client.connect_time == "2026-11-25T11:59:00.000Z"
 
 
-def test_pools_are_counted_from_the_sockets() -> None:
+def test_a_link_to_a_dropped_client_row_is_unknown_not_pooled() -> None:
     look = PoolerLook("pgb1", (
-        sock("C", "0xc1", state="cl_active"),
-        sock("C", "0xc2", state="cl_waiting", wait=1.5),
-        sock("C", "0xc3", state="cl_waiting", wait=0.5),
-        sock("S", "0xs1", state="sv_active", pid=1),
-        sock("S", "0xs2", state="sv_idle", pid=2),
+        sock("S", "0xs1", "0xc9", addr="127.0.0.1", port=5432, local_port=40001, pid=101),
     ), 100)
-    [pool] = look.pools()
-    assert (pool.cl_active, pool.cl_waiting, pool.sv_active, pool.sv_idle) == (1, 2, 1, 1)
-    assert pool.maxwait_s == 1.5
-    assert look.clients_used == 3
+    links = attribute([look], [session(101, addr="127.0.0.1")._replace(client_port=40001)],
+                      "127.0.0.1:5432")
+    assert links[101] == PoolerLink("pgb1", None, ClientUnknown.INCOMPLETE)
+
+
+def test_an_old_answer_names_only_the_backends_unchanged_since() -> None:
+    look = PoolerLook("pgb1", (
+        sock("C", "0xc1", "0xs1", state="cl_active"),
+        sock("S", "0xs1", "0xc1", addr="127.0.0.1", port=5432, local_port=40001, pid=101),
+    ), 100)
+    base = session(101, addr="127.0.0.1")._replace(client_port=40001)
+    read_at = base.state_change
+    assert read_at is not None and base.backend_start is not None
+    later = read_at + timedelta(seconds=1)
+    old = replace(look, as_of=read_at)
+    assert 101 in attribute([old], [base], "127.0.0.1:5432")
+    # The same pid and port, a newer backend: a pid reused, not the client the answer names.
+    reborn = base._replace(backend_start=later, state_change=later)
+    assert attribute([old], [reborn], "127.0.0.1:5432") == {}
+    # A new transaction since the answer: PgBouncer may have linked another client.
+    relinked = base._replace(state_change=later, xact_start=later)
+    assert attribute([old], [relinked], "127.0.0.1:5432") == {}
+    # Statements within a transaction begun before the answer keep its client.
+    same = base._replace(state_change=later, xact_start=read_at)
+    assert 101 in attribute([old], [same], "127.0.0.1:5432")
+
+
+def raw_sockets(*rows: dict[str, bytes | None]) -> Rows[Socket]:
+    names = ["type", "user", "database", "state", "addr", "port", "local_addr", "local_port",
+             "connect_time", "ptr", "link", "remote_pid", "application_name"]
+    good = {"type": b"S", "user": b"app", "database": b"db", "state": b"sv_active",
+            "addr": b"127.0.0.1", "port": b"5432", "local_addr": b"127.0.0.1",
+            "local_port": b"40001", "connect_time": b"2026-11-25 11:59:00 UTC",
+            "ptr": b"0x55d1c2", "link": b"", "remote_pid": b"101", "application_name": b"web"}
+    out = Rows(SOCKETS)
+    out.columns(names)
+    assert out.picks is not None
+    ordered = [names[i] for i in out.picks if i is not None]
+    out.feed([tuple({**good, **r}[n] for n in ordered) for r in rows])
+    return out
+
+
+@pytest.mark.parametrize("bad", [
+    {"port": b"abc"}, {"port": b"70000"}, {"remote_pid": b"-1"}, {"remote_pid": b"1e9"},
+    {"remote_pid": b"99999999999"}, {"type": b"X"}, {"ptr": b"'; DROP"}, {"link": b"0xZZ"},
+    {"addr": b"not-an-ip"}, {"local_addr": None}, {"state": b"sv active\n"},
+    {"application_name": b"x" * 5000}, {"connect_time": b"t" * 100}, {"port": None},
+])
+def test_a_row_of_the_wrong_types_is_dropped_and_counted(bad: dict[str, bytes | None]) -> None:
+    rows = raw_sockets({}, bad, {"ptr": b"0xab"})
+    assert rows.dropped == 1
+    assert [r.ptr for r in rows.rows] == ["0x55d1c2", "0xab"]
+    assert rows.rows[0].port == 5432 and rows.rows[0].remote_pid == 101
+
+
+def test_an_answer_without_the_columns_it_needs_does_not_fit() -> None:
+    rows = Rows(SOCKETS)
+    with pytest.raises(AnswerError, match="lacks remote_pid"):
+        rows.columns(["type", "state", "addr", "port", "local_addr", "local_port", "ptr", "link"])
+    with pytest.raises(AnswerError, match="repeats a column"):
+        Rows(POOLS).columns(["database", "user", "user"])
+
+
+def test_pools_holding_nobody_are_left_out_and_waits_add_up() -> None:
+    rows = Rows(POOLS)
+    rows.columns(["database", "user", "cl_active", "cl_waiting", "sv_active", "sv_idle",
+                  "sv_used", "maxwait", "maxwait_us"])
+    rows.feed([
+        (b"postgres", b"app", b"2", b"1", b"1", b"1", b"0", b"1", b"500000"),
+        (b"chosen-by-a-login", b"app", b"0", b"0", b"0", b"0", b"0", b"0", b"0"),
+        (b"db", b"app", b"x", b"0", b"0", b"0", b"0", b"0", b"0"),
+    ])
+    assert rows.dropped == 1
+    [pool, empty] = rows.rows
+    assert (pool.cl_active, pool.cl_waiting, pool.maxwait_s) == (2, 1, 1.5)
+    assert empty.empty and not pool.empty
 
 
 # -- decide ------------------------------------------------------------------------------------
@@ -291,3 +361,35 @@ def test_audit_filters_and_counts_by_the_real_client(
     code, _, err = audit(capsys, "--file", str(log), "--client-addr", "10.0.0.0/33")
     assert code == 2
     assert err.strip() == "pg-watchdog: --client-addr: '10.0.0.0/33' is not an address or CIDR"
+
+
+# -- a pooler that cannot be read, and when a pooler is worth reading --------------------------
+
+
+def test_a_backend_of_an_unreadable_pooler_is_spared_whatever_the_exclusions() -> None:
+    unknown = PoolerLink("pgb1", None, ClientUnknown.UNREADABLE)
+    snap = replace(snapshot(session(100), session(101)), pooled={100: unknown})
+    for pooled in (True, False):
+        cfg = replace(config(), exclude=replace(DEFAULT_EXCLUDE, pooled=pooled))
+        decision = decide(snap, cfg, "main")
+        assert_spared(decision, 100, "pooler pgb1 unreadable: real client unknown")
+        assert_acted(decision, 101)
+
+
+def test_candidates_are_judged_without_the_real_client() -> None:
+    from watchdog.candidates import candidates, horizon
+
+    far = session(100, idle_for=60)  # 10 min policy: 9 min to go
+    near = session(101, idle_for=590)  # 10 s to go: within a 30 s horizon
+    due = session(102, idle_for=601)
+    boss = session(103, idle_for=3600, rolsuper=True)  # spared whoever its client is
+    listed = session(104, idle_for=3600, addr="10.9.8.7")  # excluded by address: may be pooled
+    ex = replace(DEFAULT_EXCLUDE, superusers=True, client_addrs=(net("10.9.8.0/24"),))
+    cfg = config(policy(), exclude=ex)
+    snap = snapshot(far, near, due, boss, listed)
+    main = cfg.target("main")
+    assert horizon(cfg, main) == 30.0
+    found = {c.session.pid: c for c in candidates(snap, cfg, "main", horizon(cfg, main))}
+    assert set(found) == {101, 102, 104}
+    assert not found[101].due_now and found[102].due_now
+    assert {c.session.pid for c in candidates(snap, cfg, "main", 0.0)} == {102, 104}

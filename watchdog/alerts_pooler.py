@@ -58,8 +58,13 @@ class PoolerAlerts:
             if key in self._down:
                 continue  # reported once; watchdog.pooler_watch logs each attempt
             self._down[key] = error
+            # Its backends are spared meanwhile (watchdog.pooler_watch): the real client
+            # cannot be told, so neither can the exclusions that name it.
             self.channel.trouble(
-                "pooler", f"{error}; its backends have no attribution until it answers", target
+                "pooler",
+                f"{error.removesuffix(' (retrying)')}; backends from its address are spared"
+                " until it answers",
+                target,
             )
         for look in report.poolers.looks:
             if self._down.pop((target, look.name), None) is not None:

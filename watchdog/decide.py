@@ -115,7 +115,8 @@ def _key(session: Session, link: PoolerLink | None) -> _Key:
 def _pooled_key(link: PoolerLink | None) -> object:
     if link is None:
         return None
-    return (link.pooler, link.client is None, None if link.client is None else link.client.addr)
+    real = None if link.client is None else link.client.addr
+    return (link.pooler, link.client is None, real, link.unknown)
 
 
 def _addrs_in(session: Session, link: PoolerLink | None, networks: tuple[Network, ...]) -> str:
@@ -128,6 +129,9 @@ def _addrs_in(session: Session, link: PoolerLink | None, networks: tuple[Network
 
 
 def _pooled_exclusion(ex: Exclusions, link: PoolerLink | None) -> str | None:
+    if link is not None and link.unknown is not None:
+        # Whatever ``ex`` says: exclusions by real client cannot be judged (fail closed).
+        return f"pooler {link.pooler} {link.unknown.value}: real client unknown"
     if ex.pooled and link is not None and link.client is None:
         # The pool doing its job; PgBouncer's server_idle_timeout retires these.
         return f"pooled by {link.pooler} (no client)"

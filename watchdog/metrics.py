@@ -211,6 +211,12 @@ class Metrics:
             pooler,
             registry=r,
         )
+        self.pooler_dropped = Counter(
+            "pg_watchdog_pooler_rows_dropped",
+            "Rows of the pooler's console answers that did not fit and were dropped.",
+            pooler,
+            registry=r,
+        )
 
     def _drop_pools(self, target: str, pooler: str, keep: set[tuple[str, str]]) -> None:
         for db, user in self._pools.get((target, pooler), set()) - keep:
@@ -222,7 +228,8 @@ class Metrics:
         for t, pooler in [k for k in self._pools if k[0] == target and k[1] not in (keep or ())]:
             self._drop_pools(t, pooler, set())
             del self._pools[(t, pooler)]
-            for g in (self.pooler_clients, self.pooler_max_clients, self.pooler_up):
+            for g in (self.pooler_clients, self.pooler_max_clients, self.pooler_up,
+                      self.pooler_dropped):
                 with contextlib.suppress(KeyError):
                     g.remove(t, pooler)
 
@@ -233,12 +240,15 @@ class Metrics:
         target, looks = report.target, report.poolers.looks
         # A pooler a reload removed from the target: its series go.
         self._forget_poolers(target, keep={*report.poolers.errors, *(x.name for x in looks)})
+        for name, rows in report.poolers.dropped.items():
+            self.pooler_dropped.labels(target, name).inc(rows)
         for look in looks:
             self.pooler_up.labels(target, look.name).set(1)
             self.pooler_clients.labels(target, look.name).set(look.clients_used)
             if look.max_client_conn is not None:
                 self.pooler_max_clients.labels(target, look.name).set(look.max_client_conn)
             seen: set[tuple[str, str]] = set()
+            # SHOW POOLS counts no login: a client that never authenticated names no series.
             for p in look.pools():
                 seen.add((p.database, p.user))
                 for field, g in self.pool_gauges.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import Enum
 from functools import cached_property
 from typing import NamedTuple
 
@@ -66,12 +67,24 @@ class PoolerClient:
     connect_time: str | None  # ISO 8601 UTC when PgBouncer's text could be read, else as sent
 
 
+class ClientUnknown(Enum):
+    """Why the real client of a backend from a pooler's address cannot be told: it is spared."""
+
+    UNREADABLE = "unreadable"  # the pooler's console does not answer, or its answer did not fit
+    INCOMPLETE = "answer incomplete"  # rows of its answer were dropped as malformed
+
+
 @dataclass(frozen=True)
 class PoolerLink:
-    """A backend that a PgBouncer holds as a server connection; ``client`` None when unlinked."""
+    """A backend that a PgBouncer holds as a server connection; ``client`` None when unlinked.
+
+    ``unknown`` set: the backend comes from the pooler's address while the pooler cannot say
+    who its client is, so exclusions by real client cannot be judged (never acted on).
+    """
 
     pooler: str
     client: PoolerClient | None = None
+    unknown: ClientUnknown | None = None
 
 
 @dataclass(frozen=True)

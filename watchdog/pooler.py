@@ -1,23 +1,26 @@
-"""Reading PgBouncer's admin console, and naming the real client behind each backend.
+"""PgBouncer's admin console: what one look at a pooler shows, and the real client of each backend.
 
-PgBouncer's console speaks only the simple query protocol, so this module uses psycopg 3 with
-its client-side-binding cursor (asyncpg always sends the extended protocol). One command per
-sweep, ``SHOW SOCKETS``: its rows are SHOW CLIENTS and SHOW SERVERS in one answer, from which
-the pools' health is counted too. psycopg is an optional extra: ``pg-watchdog[pgbouncer]``.
+PgBouncer's console speaks only the simple query protocol, so the watchdog reads it with
+psycopg 3 (asyncpg always sends the extended protocol), through watchdog.pooler_read, which
+bounds every answer. ``SHOW SOCKETS`` (SHOW CLIENTS and SHOW SERVERS in one answer) names the
+client linked to each server connection; ``SHOW POOLS`` and ``SHOW LISTS`` count the pools'
+health. psycopg is an optional extra: ``pg-watchdog[pgbouncer]``.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from operator import itemgetter
-from typing import Any, NamedTuple
 
-from watchdog import queries
+from watchdog import pooler_rows as shapes
 from watchdog.config import Config, PoolerConfig
-from watchdog.model import APPLICATION_NAME, PoolerClient, PoolerLink, Session
+from watchdog.model import APPLICATION_NAME, ClientUnknown, PoolerClient, PoolerLink, Session
+from watchdog.pooler_read import SMALL, Caps, Console, show
+from watchdog.pooler_rows import PoolStats, Socket
+
+__all__ = ["PoolStats", "PoolerLook", "Socket", "attribute", "describe_client", "real_addr"]
 
 CONNECT_TIMEOUT = 2.0  # libpq counts whole seconds, at least 2
 READ_TIMEOUT = 2.0
@@ -35,46 +38,21 @@ def psycopg_missing(config: Config) -> str | None:
     return None
 
 
-class Socket(NamedTuple):
-    """One row of SHOW SOCKETS: a client (``C``) or server (``S``) connection."""
-
-    type: str
-    user: str | None
-    database: str | None
-    state: str
-    addr: str | None
-    port: int | None
-    local_addr: str | None
-    local_port: int | None
-    connect_time: str | None
-    wait_s: float
-    ptr: str
-    link: str
-    remote_pid: int
-    application_name: str | None
-
-
-@dataclass(frozen=True)
-class PoolStats:
-    """One pool (database, user) of a pooler, counted from its sockets."""
-
-    database: str
-    user: str
-    cl_active: int = 0
-    cl_waiting: int = 0
-    sv_active: int = 0
-    sv_idle: int = 0
-    sv_used: int = 0
-    maxwait_s: float = 0.0  # how long the oldest waiting client has queued
-
-
 @dataclass(frozen=True)
 class PoolerLook:
-    """What one read of a pooler showed."""
+    """What the last reads of one pooler showed.
+
+    ``sockets`` may come from an earlier sweep than the health figures: ``as_of`` is the
+    server's time before that SHOW SOCKETS ran (None: current for every backend).
+    """
 
     name: str
     sockets: tuple[Socket, ...]
     max_client_conn: int | None
+    pool_stats: tuple[PoolStats, ...] = ()
+    clients_used: int = 0  # client connections, logins included, against max_client_conn
+    as_of: datetime | None = None
+    dropped: int = 0  # rows of that SHOW SOCKETS that did not fit
 
     @property
     def clients(self) -> list[Socket]:
@@ -84,97 +62,55 @@ class PoolerLook:
     def servers(self) -> list[Socket]:
         return [s for s in self.sockets if s.type == "S"]
 
-    @property
-    def clients_used(self) -> int:
-        """Client connections, counted against max_client_conn."""
-        return len(self.clients)
-
     def pools(self) -> list[PoolStats]:
         """Per (database, user): clients active and waiting, servers active, idle and used."""
-        counts: dict[tuple[str, str], dict[str, float]] = {}
-        for s in self.sockets:
-            c = counts.setdefault((s.database or "", s.user or ""), {})
-            c[s.state] = c.get(s.state, 0) + 1
-            if s.state == "cl_waiting":
-                c["maxwait"] = max(c.get("maxwait", 0.0), s.wait_s)
-        return [
-            PoolStats(
-                database=db,
-                user=user,
-                cl_active=int(c.get("cl_active", 0)),
-                cl_waiting=int(c.get("cl_waiting", 0)),
-                sv_active=int(c.get("sv_active", 0)),
-                sv_idle=int(c.get("sv_idle", 0)),
-                sv_used=int(c.get("sv_used", 0)),
-                maxwait_s=c.get("maxwait", 0.0),
-            )
-            for (db, user), c in sorted(counts.items())
-        ]
+        return list(self.pool_stats)
 
 
-def _int(value: Any) -> int | None:
-    if type(value) is int:  # psycopg already converted it (the common case)
-        return value
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-_COLUMNS: tuple[str, ...] = ("type", "user", "database", "state", "addr", "port", "local_addr")
-_COLUMNS += ("local_port",)
-_COLUMNS += ("connect_time", "wait", "wait_us", "ptr", "link", "remote_pid", "application_name")
-
-
-def _sockets(names: Sequence[str], rows: Iterable[Sequence[Any]]) -> tuple[Socket, ...]:
-    """SHOW SOCKETS rows as Sockets; a column an older PgBouncer lacks reads as None."""
-    col = {n: i for i, n in enumerate(names)}
-    width = len(names)
-    # One C-level pick per row: this runs for every client and server of a busy pooler.
-    pick = itemgetter(*(col.get(n, width) for n in _COLUMNS))
-    out = []
-    for r in rows:
-        (kind, user, db, state, addr, port, laddr, lport, ctime, wait, wait_us, ptr, link,
-         pid, app) = pick((*r, None))
-        out.append(Socket(
-            str(kind or ""), user, db, str(state or ""), addr, _int(port), laddr, _int(lport),
-            ctime, (_int(wait) or 0) + (_int(wait_us) or 0) / 1e6, str(ptr or ""),
-            str(link or ""), _int(pid) or 0, app,
-        ))
-    return tuple(out)
-
-
-async def connect_pooler(pooler: PoolerConfig) -> Any:
-    """A psycopg connection to the admin console: autocommit, simple protocol, no server
-    settings (PgBouncer refuses startup parameters it does not know)."""
+async def connect_pooler(pooler: PoolerConfig) -> Console:
+    """The admin console: a psycopg connection (autocommit, simple protocol, no server
+    settings: PgBouncer refuses startup parameters it does not know), metered by a Relay."""
     import psycopg
 
-    return await psycopg.AsyncConnection.connect(
+    conn = await psycopg.AsyncConnection.connect(
         pooler.dsn,
         autocommit=True,
         connect_timeout=int(CONNECT_TIMEOUT),
         application_name=APPLICATION_NAME,
         cursor_factory=psycopg.AsyncClientCursor,
     )
+    try:
+        return Console(conn)
+    except BaseException:
+        await conn.close()
+        raise
 
 
-async def _show(conn: Any, command: str) -> tuple[list[str], list[Sequence[Any]]]:
-    async with conn.cursor() as cur:
-        await cur.execute(command)
-        names = [d.name for d in cur.description or ()]
-        return names, await cur.fetchall()
-
-
-async def max_client_conn(conn: Any) -> int | None:
+async def max_client_conn(console: Console) -> int | None:
     """The pooler's max_client_conn (read once per connection: it changes only on RELOAD)."""
-    _, rows = await _show(conn, queries.PGBOUNCER_CONFIG)
-    return next((_int(r[1]) for r in rows if r and r[0] == "max_client_conn"), None)
+    return shapes.max_client_conn(await show(console, shapes.CONFIG, SMALL))
 
 
-async def read_pooler(conn: Any, name: str, limit: int | None) -> PoolerLook:
-    """One round trip: every client and server socket of the pooler."""
-    names, rows = await _show(conn, queries.PGBOUNCER_SOCKETS)
-    return PoolerLook(name, _sockets(names, rows), limit)
+async def read_sockets(console: Console, limit: int | None) -> shapes.Rows[Socket]:
+    """Every client and server socket of the pooler, within the caps its limit allows."""
+    return await show(console, shapes.SOCKETS, Caps.for_clients(limit))
+
+
+@dataclass(frozen=True)
+class Health:
+    """The pools that hold anyone (SHOW POOLS) and the clients in use (SHOW LISTS)."""
+
+    pools: tuple[PoolStats, ...]
+    clients_used: int
+    dropped: int  # rows of those answers that did not fit
+
+
+async def read_health(console: Console, limit: int | None) -> Health:
+    """The pools' health: two answers of a few rows, whatever the number of connections."""
+    pools = await show(console, shapes.POOLS, Caps.for_clients(limit))
+    lists = await show(console, shapes.LISTS, SMALL)
+    return Health(tuple(p for p in pools.rows if not p.empty), shapes.used_clients(lists),
+                  pools.dropped + lists.dropped)
 
 
 @functools.lru_cache(maxsize=4096)  # connect times repeat (whole seconds) across sockets
@@ -201,38 +137,80 @@ def _client(c: Socket) -> PoolerClient:
 
 
 def _port_of(server: str) -> int | None:
-    return _int(server.rpartition(":")[2])
+    port = server.rpartition(":")[2]
+    return int(port) if port.isdigit() else None
+
+
+def covers(as_of: datetime | None, session: Session) -> bool:
+    """Whether an answer read at server time ``as_of`` can still name ``session``'s client.
+
+    PgBouncer links a server to another client only when that client starts a statement or a
+    transaction (a new state_change, and a new xact_start), and a pid names another backend
+    only after a new backend_start. A backend unchanged since ``as_of`` has the same link.
+    """
+    if as_of is None:
+        return True
+    if session.backend_start is None or session.backend_start > as_of:
+        return False
+    if session.state_change is not None and session.state_change <= as_of:
+        return True
+    return session.xact_start is not None and session.xact_start <= as_of
 
 
 def attribute(
     looks: Iterable[PoolerLook], sessions: Iterable[Session], server: str
-) -> Mapping[int, PoolerLink]:
+) -> dict[int, PoolerLink]:
     """The pooler link of each backend a pooler holds, by pid.
 
     A server socket matches a backend when its remote_pid is the backend's pid and its local
     end (address, port) is the backend's client_addr/client_port, and it connects to this
-    server's port: pids and ports alone repeat across servers behind one pooler.
+    server's port: pids and ports alone repeat across servers behind one pooler. An answer
+    older than the sweep names only the backends it :func:`covers`.
     """
     port = _port_of(server)
-    held: dict[tuple[int, str | None, int | None], PoolerLink] = {}
+    held: dict[tuple[int, str | None, int | None], tuple[PoolerLink, datetime | None]] = {}
     for look in looks:
         clients = {c.ptr: c for c in look.clients}
         for s in look.servers:
             if not s.remote_pid or (port is not None and s.port != port):
                 continue
             client = clients.get(s.link) if s.link else None
-            link = PoolerLink(look.name, None if client is None else _client(client))
-            if s.addr == "unix":
-                held[(s.remote_pid, None, -1)] = link
+            if s.link and client is None:
+                # Linked to a client row that was dropped: who it is cannot be told.
+                link = PoolerLink(look.name, None, ClientUnknown.INCOMPLETE)
             else:
-                held[(s.remote_pid, s.local_addr, s.local_port)] = link
+                link = PoolerLink(look.name, None if client is None else _client(client))
+            if s.addr == "unix":
+                held[(s.remote_pid, None, -1)] = (link, look.as_of)
+            else:
+                held[(s.remote_pid, s.local_addr, s.local_port)] = (link, look.as_of)
     if not held:
         return {}
     out: dict[int, PoolerLink] = {}
     for sess in sessions:
         found = held.get((sess.pid, sess.client_addr, sess.client_port))
-        if found is not None:
-            out[sess.pid] = found
+        if found is not None and covers(found[1], sess):
+            out[sess.pid] = found[0]
+    return out
+
+
+def unknown_links(
+    sessions: Iterable[Session],
+    links: Mapping[int, PoolerLink],
+    blind: Mapping[str, tuple[ClientUnknown, Collection[str | None]]],
+) -> dict[int, PoolerLink]:
+    """``links`` plus an unknown link for every other backend from the address of a pooler in
+    ``blind`` (name -> why, its addresses as the server sees them; None: a Unix socket)."""
+    if not blind:
+        return dict(links)
+    out = dict(links)
+    for sess in sessions:
+        if sess.pid in out:
+            continue
+        for name, (why, addrs) in blind.items():
+            if sess.client_addr in addrs:
+                out[sess.pid] = PoolerLink(name, None, why)
+                break
     return out
 
 
@@ -247,6 +225,8 @@ def describe_client(link: PoolerLink | None) -> str | None:
     """``10.2.3.4:51234 via pgb1``, ``pooled by pgb1 (no client)``, or None (not pooled)."""
     if link is None:
         return None
+    if link.unknown is not None:
+        return f"pooler {link.pooler} {link.unknown.value}: real client unknown"
     if link.client is None:
         return f"pooled by {link.pooler} (no client)"
     return f"{link.client.addr}:{link.client.port} via {link.pooler}"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
-from watchdog import queries
+from watchdog import pooler_rows as shapes
 from watchdog.config import PoolerConfig, Target
 from watchdog.pooler import CONNECT_TIMEOUT, READ_TIMEOUT, connect_pooler, max_client_conn
+from watchdog.pooler_read import Caps, show
+from watchdog.pooler_rows import AnswerError
 from watchdog.pooler_watch import describe_pooler_error
 
 
@@ -19,23 +20,25 @@ async def check_pooler(target: Target, pooler: PoolerConfig) -> tuple[bool, str]
     except Exception as exc:
         reason = describe_pooler_error(target.name, pooler, exc).removeprefix(prefix)
         return False, f"pooler {pooler.name}: cannot connect: {reason}"
-    command = ""
+    command = "SHOW CONFIG"
     try:
-        for command in queries.PGBOUNCER_CHECKS:
-            async with conn.cursor() as cur:
-                await asyncio.wait_for(cur.execute(command), READ_TIMEOUT)
         limit = await asyncio.wait_for(max_client_conn(conn), READ_TIMEOUT)
+        # Every answer is read as the service reads it: bounded, each row checked.
+        for shape in (shapes.POOLS, shapes.LISTS, shapes.SOCKETS):
+            command = shape.command
+            await asyncio.wait_for(show(conn, shape, Caps.for_clients(limit)), READ_TIMEOUT)
+    except AnswerError as exc:
+        return False, f"pooler {pooler.name}: connected, but {exc}"
     except Exception as exc:
         reason = describe_pooler_error(target.name, pooler, exc).removeprefix(prefix)
         return False, (
-            f"pooler {pooler.name}: connected, but {command or 'SHOW CONFIG'} failed: {reason}"
+            f"pooler {pooler.name}: connected, but {command} failed: {reason}"
             " (put the role in PgBouncer's stats_users)"
         )
     finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(conn.close(), 2)
+        await conn.close()
     return True, (
-        f"pooler {pooler.name}: can run SHOW POOLS, SERVERS, CLIENTS and SOCKETS"
+        f"pooler {pooler.name}: can run SHOW POOLS, LISTS and SOCKETS"
         f" (max_client_conn {limit})"
     )
 

@@ -220,8 +220,9 @@ ORDER BY p.prepared, p.gid
 """
 
 # PgBouncer's admin console (simple query protocol, one command per query). SHOW SOCKETS is
-# SHOW CLIENTS and SHOW SERVERS in one answer: the one read per pooler and sweep.
+# SHOW CLIENTS and SHOW SERVERS in one answer: the one read that names real clients. SHOW POOLS
+# and SHOW LISTS count the pools' health in a few rows.
 PGBOUNCER_SOCKETS = "SHOW SOCKETS"
 PGBOUNCER_CONFIG = "SHOW CONFIG"
-# `check --connect`: what a stats_users role must be allowed to run.
-PGBOUNCER_CHECKS = ("SHOW POOLS", "SHOW SERVERS", "SHOW CLIENTS", "SHOW SOCKETS")
+PGBOUNCER_POOLS = "SHOW POOLS"
+PGBOUNCER_LISTS = "SHOW LISTS"

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 from watchdog import audit_io
 from watchdog.act import dry_outcomes, execute
 from watchdog.audit import AuditError, AuditLog, make_record, shown_query
+from watchdog.candidates import candidates, horizon
 from watchdog.config import Config, Target
 from watchdog.connect import STATEMENT_TIMEOUT
 from watchdog.decide import decide
 from watchdog.model import Action, Decision, Outcome, Snapshot
-from watchdog.pooler import attribute, describe_client
+from watchdog.pooler import describe_client
 from watchdog.pooler_watch import PoolerRound
 from watchdog.snapshot import take_snapshot
 
@@ -61,7 +62,7 @@ async def sweep_target(
     `budget`: the caller's server timeout, paused while the audit log is written.
     """
     started = time.monotonic()
-    snapshot, pooled = await look(conn, server, poolers, config.member_roles())
+    snapshot, pooled = await look(conn, server, poolers, config.member_roles(), config)
     decision = decide(snapshot, config, target.name, dry_run=dry_run, explain=False)
     report = SweepReport(target.name, server, snapshot, decision, leader, poolers=pooled)
     # Records held back by a failed write go out as soon as the log takes them again,
@@ -161,19 +162,24 @@ async def _signal(
 
 
 async def look(
-    conn: Any, server: str, poolers: PoolerWatch | None, roles: Sequence[str] = ()
+    conn: Any, server: str, poolers: PoolerWatch | None, roles: Sequence[str] = (),
+    config: Config | None = None,
 ) -> tuple[Snapshot, PoolerRound]:
-    """The snapshot and, concurrently, the poolers' reads; the snapshot knows what they hold.
+    """The snapshot, then the poolers' reads; the snapshot knows what they hold.
 
-    ``roles``: the roles member_of rules name (Config.member_roles()).
+    ``roles``: the roles member_of rules name (Config.member_roles()). With ``config`` a
+    pooler is read only when a backend from its address is a candidate (watchdog.candidates);
+    without, every pooler is read (status). A pooler's trouble never fails the sweep.
     """
+    snapshot = await take_snapshot(conn, STATEMENT_TIMEOUT, roles)
     if poolers is None:
-        return await take_snapshot(conn, STATEMENT_TIMEOUT, roles), PoolerRound()
-    snapshot, pooled = await asyncio.gather(
-        take_snapshot(conn, STATEMENT_TIMEOUT, roles), poolers.read()
-    )
-    links = attribute(pooled.looks, snapshot.sessions, server)
-    return dataclasses.replace(snapshot, pooled=links), pooled
+        return snapshot, PoolerRound()
+    target = poolers.target
+    wanted = None
+    if config is not None:
+        wanted = candidates(snapshot, config, target.name, horizon(config, target))
+    pooled = await poolers.read(snapshot, server, wanted)
+    return dataclasses.replace(snapshot, pooled=pooled.links), pooled
 
 
 def _log_outcomes(target: str, outcomes: list[Outcome]) -> None:
