@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from watchdog.statements import shape
 from watchdog.units import format_duration
 
 ELLIPSIS = "…"
@@ -201,7 +202,9 @@ _SUMMARY_FIELDS = (
     ("application", "application_name"),
     ("outcome", "outcome"),
     ("client", ""),  # computed: record_client()
+    ("statement", ""),  # computed: the shape of the last statement (statements.shape)
 )
+_WIDTH = {"statement": 160}  # columns of a key shown; 64 for the others
 
 
 def record_client(rec: Mapping[str, Any]) -> str | None:
@@ -211,6 +214,10 @@ def record_client(rec: Mapping[str, Any]) -> str | None:
         return str(pc["addr"])
     value = rec.get("client_addr")
     return value if isinstance(value, str) else None
+
+
+def _computed(name: str, rec: Mapping[str, Any]) -> str | None:
+    return record_client(rec) if name == "client" else shape(rec.get("query"))
 
 
 class Summary:
@@ -223,7 +230,7 @@ class Summary:
     def add(self, rec: Mapping[str, Any]) -> None:
         self.total += 1
         for name, field in _SUMMARY_FIELDS:
-            value = rec.get(field) if field else record_client(rec)
+            value = rec.get(field) if field else _computed(name, rec)
             self.counts[name][_text(value)] += 1
 
     def _sorted(self, name: str) -> list[tuple[str, int]]:
@@ -241,6 +248,6 @@ class Summary:
         for name, _ in _SUMMARY_FIELDS:
             lines.append(f"\nby {name}\n")
             for key, count in self._sorted(name):
-                shown = fit(key, 64)[0] if key else "(empty)"
+                shown = fit(key, _WIDTH.get(name, 64))[0] if key else "(empty)"
                 lines.append(f"  {count:>{digits}}  {shown}\n")
         out.write("".join(lines))

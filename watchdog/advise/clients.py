@@ -127,9 +127,9 @@ def margin_text(policy: Policy | None) -> str:
     life = lifetime_of(policy)
     assert life is not None
     return (
-        f"(idle lifetimes: at most {format_duration(life)}, half of policy '{policy.name}''s"
-        f" longer_than {format_duration(policy.longer_than)}, the margin for pools that look"
-        " at their idle connections only now and then: a healthy pool then retires them"
+        f"(idle lifetimes at most {format_duration(life)}: half the longer_than of policy"
+        f" '{policy.name}' ({format_duration(policy.longer_than)}), a margin for pools that"
+        " look at their idle connections only now and then, so a healthy pool retires them"
         " before the watchdog would)"
     )
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-from watchdog.advise import clients
+from watchdog.advise import clients, shapes
 from watchdog.advise.findings import (
     IIT,
     MIN_KILLS,
@@ -57,9 +57,12 @@ def leak(
         if not name:
             evidence.append(f"{len(mine)} kills of sessions that sent no application_name:"
                             " they cannot be attributed to an application")
+        evidence += shapes.statement_evidence(name or "sessions without an application_name", mine)
         policy = clients.idle_threshold(mine, policies or {})
+        fix = _leak_fix(name, states, policy)
+        look = shapes.first_look(mine)
         found.append(Finding("leak", "high", target, subject, tuple(evidence),
-                             tuple(_leak_fix(name, states, policy))))
+                             tuple(([look] if look else []) + fix)))
     return found
 
 
