@@ -90,11 +90,15 @@ def write_config(
     connections_above: str = "80%",
     audit_path: Path | None = None,
     environment: str = "test",
+    details: bool = True,
 ) -> Config:
     password_file = tmp_path / "spare.password"
     password_file.write_text(FILE_SECRET + "\n")
     sentry_section = (
-        f"  sentry:\n    dsn: {sentry.dsn}\n    environment: {environment}\n" if sentry else ""
+        f"  sentry:\n    dsn: {sentry.dsn}\n    environment: {environment}\n"
+        f"    send_session_details: {str(details).lower()}\n"
+        if sentry
+        else ""
     )
     path = tmp_path / "policies.yaml"
     path.write_text(
@@ -242,22 +246,56 @@ async def test_dry_run_event_says_would_terminate(
     assert not any(MARKER.encode() in body for body in sentry.bodies())
 
 
-async def test_query_text_reaches_sentry_only_with_audit_query_full(
+@pytest.mark.parametrize("mode", ["full", "truncate", "redact"])
+async def test_query_text_never_reaches_sentry_whatever_audit_query_says(
+    roles: TempCluster,
+    tmp_path: Path,
+    sentry: SentryEndpoint,
+    make_alerts: Callable[[Config], Alerts],
+    mode: str,
+) -> None:
+    config = write_config(tmp_path, roles, sentry, query=mode, dry_run=True)
+    alerts = make_alerts(config)
+    async with watching(config) as watch, sessions(roles, 1):
+        await watch.wait_due(1)
+        report = await watch.sweep()
+        alerts.swept(report)
+        event = one_event(sentry)
+
+    context = event["contexts"]["pg_watchdog"]
+    assert "queries" not in context
+    assert context["top_users"] == {"app": 1}  # session details are on by default
+    [record] = report.records
+    assert record["query"] == ("SELECT $1" if mode == "redact" else f"SELECT '{MARKER}'")
+    for body in sentry.bodies():
+        assert MARKER.encode() not in body and b"SELECT" not in body, body
+
+
+async def test_send_session_details_false_leaves_names_and_addresses_out(
     roles: TempCluster,
     tmp_path: Path,
     sentry: SentryEndpoint,
     make_alerts: Callable[[Config], Alerts],
 ) -> None:
-    config = write_config(tmp_path, roles, sentry, query="full", dry_run=True)
+    config = write_config(tmp_path, roles, sentry, connections_above="1%", details=False)
     alerts = make_alerts(config)
-    async with watching(config) as watch, sessions(roles, 1):
-        await watch.wait_due(1)
+    async with watching(config) as watch, sessions(roles, 2, app="victim-secretapp"):
+        await watch.wait_due(2)
         alerts.swept(await watch.sweep())
-        event = one_event(sentry)
+        sentry_sdk.flush(timeout=5)
+        events = sentry.wait_events(2)
 
-    [query] = event["contexts"]["pg_watchdog"]["queries"]
-    assert query["query"] == f"SELECT '{MARKER}'"
-    assert query["usename"] == "app"
+    acted = next(e for e in events if e["level"] == "warning")
+    saturated = next(e for e in events if e["level"] == "error")
+    assert acted["message"] == "terminated 2 sessions on main (policy idle)"
+    assert acted["contexts"]["pg_watchdog"]["outcomes"] == {"terminated": 2}
+    assert saturated["contexts"]["pg_watchdog"]["by_state"]
+    for event in (acted, saturated):
+        context = event["contexts"]["pg_watchdog"]
+        assert not {"top_users", "top_applications", "top_clients"} & context.keys(), context
+    for body in sentry.bodies():
+        for detail in (b"victim-secretapp", b'"app"'):
+            assert detail not in body, (detail, body)
 
 
 async def test_sweep_without_actions_sends_nothing(

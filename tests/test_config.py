@@ -83,10 +83,11 @@ def test_default_file_loads_the_seed_rules() -> None:
     assert cfg.exclude.client_addrs == ()
 
     assert cfg.limits.max_per_sweep == 50
-    assert cfg.audit.query == "truncate"
+    assert cfg.audit.query == "redact"
     assert cfg.audit.path == Path("/var/log/pg-watchdog/audit.jsonl")
     assert cfg.alerts.sentry.dsn is None
     assert cfg.alerts.sentry.environment == "production"
+    assert cfg.alerts.sentry.send_session_details is True
     assert cfg.alerts.connections_above == pytest.approx(0.8)
     assert cfg.metrics is None
 
@@ -498,6 +499,22 @@ def test_limits_and_audit(tmp_path: Path) -> None:
     assert cfg.limits.max_per_sweep == 1
     assert cfg.audit.query == "omit"
     assert cfg.audit.path == Path.home() / "audit.jsonl"
+
+
+@pytest.mark.parametrize("mode", ["redact", "full", "truncate", "omit"])
+def test_audit_query_modes_and_redact_by_default(tmp_path: Path, mode: str) -> None:
+    policy = with_policy("    state: idle\n    longer_than: 10m\n")
+    assert load(tmp_path, policy).audit.query == "redact"
+    assert load(tmp_path, policy + f"audit: {{query: {mode}}}\n").audit.query == mode
+
+
+def test_sentry_send_session_details(tmp_path: Path) -> None:
+    policy = with_policy("    state: idle\n    longer_than: 10m\n")
+    assert load(tmp_path, policy).alerts.sentry.send_session_details is True
+    cfg = load(tmp_path, policy + "alerts: {sentry: {send_session_details: false}}\n")
+    assert cfg.alerts.sentry.send_session_details is False
+    with pytest.raises(ConfigError, match=r"alerts\.sentry\.send_session_details"):
+        load(tmp_path, policy + "alerts: {sentry: {send_session_details: maybe}}\n")
 
 
 @pytest.mark.parametrize(

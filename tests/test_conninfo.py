@@ -160,6 +160,32 @@ def test_errors_never_show_a_password_word() -> None:
     assert "Secret" not in str(err.value)
 
 
+@pytest.mark.parametrize("dsn", [
+    "postgresql://watchdog:hunter/2@db1/postgres",  # an unencoded '/' in the password
+    "postgresql://watchdog:hunter?2@db1/postgres",  # an unencoded '?'
+    "postgresql://watchdog:2/hunter@db1/postgres",
+    "postgresql://watchdog:5432/hunter@db1/postgres",  # the part before '/' reads as a port
+    "postgresql://watchdog:[hunter/2@db1/postgres",
+    "postgresql://watchdog:hunter2@db1:54x2/postgres",
+])
+def test_uri_errors_never_echo_the_user_info_and_suggest_percent_encoding(dsn: str) -> None:
+    with pytest.raises(conninfo.ConninfoError) as err:
+        conninfo.validate(dsn)
+    assert "hunter" not in err.value.message and "watchdog" not in err.value.message
+    assert "percent-encode '/', '?' and '@'" in err.value.message
+    assert "%2F" in err.value.message
+
+
+async def test_check_never_echoes_a_password_with_an_unencoded_slash(tmp_path: Path) -> None:
+    config = tmp_path / "p.yaml"
+    config.write_text("targets:\n  - name: main\n    dsn: postgresql://watchdog:hunter/2@db1/db\n"
+                      "policies:\n  - {name: idle, state: idle, longer_than: 10m}\n")
+    res = await run_cli("check", "-c", config)
+    assert res.rc == 2, res.stderr
+    assert "hunter" not in res.stderr + res.stdout
+    assert "targets[0].dsn" in res.stderr and "%2F" in res.stderr, res.stderr
+
+
 def test_connect_args_are_keywords_plus_a_tls_only_uri() -> None:
     args = conninfo.connect_args(
         "host=h1,h2 port=5433 dbname=d user=u password='p w' connect_timeout=7 "

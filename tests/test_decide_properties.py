@@ -238,10 +238,16 @@ def _in_nets(addr: str | None, nets: tuple[ipaddress.IPv4Network | ipaddress.IPv
     return any(ip.version == n.version and ip in n for n in nets)
 
 
+def own_role(snap: Snapshot) -> str | None:
+    return next((o.usename for o in snap.sessions if o.pid == snap.own_pid), None)
+
+
 def untouchable(s: Session, snap: Snapshot) -> bool:
     """Never signalled whatever the configuration says: non-client backends, itself, workers."""
     return (s.backend_type != CLIENT or s.pid == snap.own_pid or s.leader_pid is not None
-            or s.application_name == "pg-watchdog"
+            # Another instance: its name AND the watchdog's own role (a name is no proof).
+            or (s.application_name == "pg-watchdog" and s.usename is not None
+                and s.usename == own_role(snap))
             # Without pg_monitor the row's details are NULL: nothing to go on, so nothing done.
             or s.backend_start is None or s.state is None)
 
@@ -336,7 +342,8 @@ def check_safety(case: Case, d: Decision) -> None:
         assert s.backend_type == CLIENT, s
         assert s.pid != snap.own_pid
         assert s.leader_pid is None
-        assert s.application_name != "pg-watchdog"
+        assert not (s.application_name == "pg-watchdog" and s.usename is not None
+                    and s.usename == own_role(snap))
         assert not (cfg.exclude.superusers and s.rolsuper is not False)
         assert not (p.exclude.superusers and s.rolsuper is not False)
         assert not excluded(s, cfg.exclude)

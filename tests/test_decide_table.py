@@ -273,7 +273,8 @@ NEVER_TOUCHED = [
     ("hidden_backend_type_empty", {"backend_type": ""}, "not a client backend"),
     ("client_backend_with_a_leader_pid_is_a_parallel_worker", {"leader_pid": 99},
      "parallel worker"),
-    ("another_pg_watchdog_instance", {"app": "pg-watchdog"}, "another pg-watchdog instance"),
+    ("another_pg_watchdog_instance", {"app": "pg-watchdog", "user": "watchdog"},
+     "another pg-watchdog instance (same role)"),
     ("state_not_visible_without_pg_monitor", {"state": None}, "details not visible"),
     ("backend_start_not_visible_without_pg_monitor", {"backend_for": None},
      "details not visible"),
@@ -290,6 +291,34 @@ def test_non_client_or_unsafe_backend_is_never_touched(overrides: dict[str, Any]
     cfg = config(policy("any", every_state, 0.001), exclude=Exclusions())
     d = decide(snapshot(session(100, **overrides)), cfg, TARGET)
     assert_spared(d, 100, reason)
+
+
+IMPOSTORS = [
+    # (case, the session's role, the watchdog's own role or None when its row is missing)
+    ("another_role_calling_itself_pg_watchdog", "app", "watchdog"),
+    ("no_role_visible", None, "watchdog"),
+    ("own_row_missing_from_the_look", "watchdog", None),
+    ("case_differs", "Watchdog", "watchdog"),
+]
+
+
+@pytest.mark.parametrize(("user", "own_role"), [row[1:] for row in IMPOSTORS],
+                         ids=[row[0] for row in IMPOSTORS])
+def test_application_name_alone_buys_no_immunity(user: str | None, own_role: str | None) -> None:
+    impostor = session(100, app="pg-watchdog", user=user)
+    snap = snapshot(impostor)
+    if own_role is None:
+        snap = replace(snap, sessions=(impostor,))
+    else:
+        assert snap.own_role == own_role
+    assert_acted(decide(snap, config(), TARGET), 100)
+
+
+def test_another_instance_is_the_watchdog_role_with_its_application_name() -> None:
+    d = decide(snapshot(session(100, app="pg-watchdog", user="watchdog"),
+                        session(101, app="web", user="watchdog")), config(), TARGET)
+    assert_spared(d, 100, "another pg-watchdog instance (same role)")
+    assert_acted(d, 101)  # the watchdog's role under another name is judged like any session
 
 
 # -- thresholds ----------------------------------------------------------------

@@ -21,7 +21,7 @@ from watchdog.pooler import real_addr
 from watchdog.units import format_duration
 
 if TYPE_CHECKING:
-    from watchdog.model import Outcome
+    from watchdog.model import Outcome, PoolerLink, Session
     from watchdog.prepared import PreparedXact
     from watchdog.sweep import SweepReport
 
@@ -37,11 +37,20 @@ NOT_ACTED = {
     "unconfirmed": "unconfirmed",
 }
 TOP = 5
-QUERIES_SHOWN = 3
 
 
 def _top(values: list[str | None]) -> dict[str, int]:
     return dict(Counter(v if v is not None else "?" for v in values).most_common(TOP))
+
+
+def _who(sessions: list[tuple[Session, PoolerLink | None]]) -> dict[str, Any]:
+    """The top roles, applications and clients (behind a pooler, the application's own
+    address rather than the pooler's): what alerts.sentry.send_session_details: false omits."""
+    return {
+        "top_users": _top([s.usename for s, _ in sessions]),
+        "top_applications": _top([s.application_name for s, _ in sessions]),
+        "top_clients": _top([real_addr(s, link) for s, link in sessions]),
+    }
 
 
 def _is_denied(o: Outcome) -> bool:
@@ -103,27 +112,18 @@ class Alerts(SentryChannel):
         others = [f"{counts[k]} {label}" for k, label in NOT_ACTED.items() if counts[k]]
         if others:
             message += "; " + ", ".join(others)
-        sessions = [o.action.session for o in (acted or outcomes)]
+        # Never query text, whatever audit.query says: it may hold anyone's secrets.
         context: dict[str, Any] = {
             "server": report.server,
             "action": first.action,
             "dry_run": dry,
             "outcomes": dict(counts),
-            "top_users": _top([s.usename for s in sessions]),
-            "top_applications": _top([s.application_name for s in sessions]),
-            # Behind a pooler, the application's own address rather than the pooler's.
-            "top_clients": _top(
-                [real_addr(o.action.session, o.action.link) for o in (acted or outcomes)]
-            ),
             "oldest_age_s": round(max(o.action.age_s for o in outcomes), 1),
             "connections": f"{report.snapshot.used}/{report.snapshot.capacity}",
         }
-        if self.config.audit.query == "full":
-            context["queries"] = [
-                {k: r.get(k) for k in ("pid", "usename", "application_name", "query")}
-                for r in report.records
-                if r.get("policy") == policy
-            ][:QUERIES_SHOWN]
+        if self.config.alerts.sentry.send_session_details:
+            chosen = acted or outcomes
+            context |= _who([(o.action.session, o.action.link) for o in chosen])
         self._capture(
             message,
             "warning",
@@ -183,26 +183,24 @@ class Alerts(SentryChannel):
         if not report.leader:
             return  # the instance that acts on this server alerts; observers only log
         clients = snap.clients
+        context: dict[str, Any] = {
+            "server": report.server,
+            "used": snap.used,
+            "ordinary_slots": snap.capacity,
+            "max_connections": snap.max_connections,
+            "superuser_reserved_connections": snap.superuser_reserved,
+            "reserved_connections": snap.reserved,
+            "alert_above": f"{threshold:.0%}",
+            "by_state": _top([s.state for s in clients]),
+        }
+        if self.config.alerts.sentry.send_session_details:
+            context |= _who([(s, snap.pooled.get(s.pid)) for s in clients])
         self._capture(
             message,
             "error",
             fingerprint=["pg-watchdog", "saturation", target],
             tags={"target": target},
-            contexts={
-                "pg_watchdog": {
-                    "server": report.server,
-                    "used": snap.used,
-                    "ordinary_slots": snap.capacity,
-                    "max_connections": snap.max_connections,
-                    "superuser_reserved_connections": snap.superuser_reserved,
-                    "reserved_connections": snap.reserved,
-                    "alert_above": f"{threshold:.0%}",
-                    "by_state": _top([s.state for s in clients]),
-                    "top_users": _top([s.usename for s in clients]),
-                    "top_applications": _top([s.application_name for s in clients]),
-                    "top_clients": _top([real_addr(s, snap.pooled.get(s.pid)) for s in clients]),
-                }
-            },
+            contexts={"pg_watchdog": context},
         )
 
     def prepared(self, target: str, found: Sequence[PreparedXact] | None, leader: bool) -> None:
@@ -233,6 +231,9 @@ class Alerts(SentryChannel):
         log.warning("%s; to review: %r", message, x.rollback())
         if not leader:
             return  # the instance that acts on this server alerts; observers only log
+        details = x.as_json()
+        if not self.config.alerts.sentry.send_session_details:
+            del details["owner"]  # a role name
         self._capture(
             message,
             "warning",
@@ -240,7 +241,7 @@ class Alerts(SentryChannel):
             tags={"target": target, "kind": "prepared_transaction"},
             contexts={
                 "pg_watchdog": {
-                    **x.as_json(),
+                    **details,
                     "older_than_s": self.config.alerts.prepared_older_than,
                     "review": f"in database {x.database}: {x.rollback()}"
                     " (pg-watchdog never runs it)",

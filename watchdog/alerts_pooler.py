@@ -88,13 +88,21 @@ class PoolerAlerts:
         if worst is None or not self._cross(self._waiting, key, wait > limit, wait < limit):
             return
         waiting = sum(p.cl_waiting for p in pools)
-        message = (
-            f"{report.target}: {waiting} client{'' if waiting == 1 else 's'} queued in pooler"
-            f" {look.name}, the oldest for {wait:.1f}s (pool {worst.database}/{worst.user})"
+
+        def says(pool: str) -> str:
+            return (
+                f"{report.target}: {waiting} client{'' if waiting == 1 else 's'} queued in"
+                f" pooler {look.name}, the oldest for {wait:.1f}s (pool {pool})"
+            )
+
+        log.warning(
+            "%s, above alerts.pooler_wait_above %gs", says(f"{worst.database}/{worst.user}"), limit
         )
-        log.warning("%s, above alerts.pooler_wait_above %gs", message, limit)
         if not report.leader:
             return
+        # send_session_details: false leaves the role names out of the event.
+        details = self.channel.config.alerts.sentry.send_session_details
+        message = says(f"{worst.database}/{worst.user}" if details else worst.database)
         self.channel._capture(
             message,
             "error",
@@ -103,9 +111,10 @@ class PoolerAlerts:
             contexts={"pg_watchdog": {
                 "alert_above_s": limit,
                 "pools": [
-                    {"database": p.database, "user": p.user, "cl_active": p.cl_active,
-                     "cl_waiting": p.cl_waiting, "sv_active": p.sv_active,
-                     "sv_idle": p.sv_idle, "maxwait_s": round(p.maxwait_s, 3)}
+                    {"database": p.database, "user": p.user if details else None,
+                     "cl_active": p.cl_active, "cl_waiting": p.cl_waiting,
+                     "sv_active": p.sv_active, "sv_idle": p.sv_idle,
+                     "maxwait_s": round(p.maxwait_s, 3)}
                     for p in pools if p.cl_waiting
                 ],
             }},

@@ -24,6 +24,7 @@ from typing import Any
 
 from watchdog import journal as jr
 from watchdog.model import Outcome
+from watchdog.redact import redact
 
 QUERY_TRUNCATE = 256
 
@@ -47,10 +48,14 @@ def make_record(
     """The audit record of one outcome, with every field the README's audit log section lists."""
     a, s = o.action, o.action.session
     query = s.query
-    if query_mode == "omit":
-        query = None
-    elif query_mode == "truncate" and query is not None:
+    if query is None or query_mode == "full":
+        pass
+    elif query_mode == "redact":
+        query = redact(query)
+    elif query_mode == "truncate":
         query = query[:QUERY_TRUNCATE]
+    else:  # omit, and any mode this code does not know: never more than asked for
+        query = None
     return {
         "ts": iso(ts or datetime.now(UTC)),
         "target": a.target,

@@ -14,6 +14,7 @@ from watchdog import __version__
 from watchdog.audit import AuditError
 from watchdog.config import Config, config_path, load_config
 from watchdog.connect import TargetError
+from watchdog.escape import OneLineFormatter, log_text
 from watchdog.yamlpos import ConfigError
 
 log = logging.getLogger("watchdog")
@@ -35,7 +36,10 @@ def setup_logging(level: int) -> None:
     fmt = "%(levelname)s %(name)s: %(message)s"
     if not under_systemd:
         fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    # Names and messages from servers are escaped here, once for every call site.
+    handler.setFormatter(OneLineFormatter(fmt))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     if level > logging.DEBUG:
         # APScheduler logs two INFO lines per job run: thousands a day per target.
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
@@ -175,10 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
     except UserError as exc:
-        print(f"pg-watchdog: {exc}", file=sys.stderr)
+        print(f"pg-watchdog: {log_text(str(exc))}", file=sys.stderr)
         return exc.code
     except (TargetError, AuditError) as exc:
-        print(f"pg-watchdog: {exc}", file=sys.stderr)
+        # A server's or pooler's words may be in it: one line, escaped, as in the log.
+        print(f"pg-watchdog: {log_text(str(exc))}", file=sys.stderr)
         return EXIT_TARGET
     except KeyboardInterrupt:
         return 130

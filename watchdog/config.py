@@ -43,7 +43,7 @@ STATES = (
 )
 ACTIONS = ("terminate", "cancel")
 MEASURED_FROM = ("state_change", "xact_start", "query_start", "backend_start")
-AUDIT_QUERY = ("full", "truncate", "omit")
+AUDIT_QUERY = ("redact", "full", "truncate", "omit")
 DEFAULT_CONFIG = "/etc/pg-watchdog/policies.yaml"
 # The managed services' admin roles: their members are the DBAs there, and no superusers.
 # Spared unless exclude.member_of says otherwise, as superusers are unless it says false.
@@ -109,13 +109,16 @@ class Limits:
 @dataclass(frozen=True)
 class AuditConfig:
     path: Path = Path("/var/log/pg-watchdog/audit.jsonl")
-    query: str = "truncate"
+    # redact: constants replaced by $n, the statement's shape kept (watchdog/redact.py)
+    query: str = "redact"
 
 
 @dataclass(frozen=True)
 class SentryConfig:
     dsn: str | None = None
     environment: str = "production"
+    # false: events carry no client addresses, role or application names
+    send_session_details: bool = True
 
 
 @dataclass(frozen=True)
@@ -398,16 +401,20 @@ def _audit(node: YNode) -> AuditConfig:
     f = mapping(node, ("path", "query"))
     return AuditConfig(
         path=opt(f, "path", _path, AuditConfig.path),
-        query=opt(f, "query", choice(AUDIT_QUERY), "truncate"),
+        query=opt(f, "query", choice(AUDIT_QUERY), AuditConfig.query),
     )
 
 
 def _sentry(node: YNode) -> SentryConfig:
-    f = mapping(node, ("dsn", "environment"))
+    f = mapping(node, ("dsn", "environment", "send_session_details"))
     dsn = opt(f, "dsn", lambda n: "" if n.value is None else string(n), "")
     if dsn and not re.match(r"https?://[^@/]+@[^/]+/\S+", dsn):
         raise f["dsn"].error("is not a Sentry DSN (https://KEY@HOST/PROJECT)")
-    return SentryConfig(dsn=dsn or None, environment=opt(f, "environment", string, "production"))
+    return SentryConfig(
+        dsn=dsn or None,
+        environment=opt(f, "environment", string, "production"),
+        send_session_details=opt(f, "send_session_details", boolean, True),
+    )
 
 
 def _alerts(node: YNode) -> AlertsConfig:

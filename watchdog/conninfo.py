@@ -189,14 +189,21 @@ def _parse_uri(s: str) -> dict[str, Param]:
             params["password"] = Param(_decode(password, base, "password"), base)
     hosts_at = base + at + 1
     hosts, ports = [], []
+    # Nothing from the host part is echoed: with a '/', '?' or '@' left unencoded in a
+    # password, what reads as a host or a port here is a piece of that password.
+    if "@" in authority[at + 1:] or (path is not None and "@" in path):
+        raise ConninfoError("'@' after the host part: percent-encode " + _ENCODE, hosts_at)
     for part in authority[at + 1:].split(",") if authority[at + 1:] else []:
         m = re.fullmatch(r"(\[[^\]]*\]|[^:\[\]]*)(?::(.*))?", part)
         if m is None:
-            raise ConninfoError(f"bad host {_show(part)} (an IPv6 address goes in brackets: "
-                                "[::1]:5432)", hosts_at)
+            raise ConninfoError("bad host (an IPv6 address goes in brackets: [::1]:5432;"
+                                f" percent-encode {_ENCODE})", hosts_at)
         host = m.group(1)
         hosts.append(host[1:-1] if host.startswith("[") else _decode(host, hosts_at, "host"))
         ports.append(m.group(2) or "")
+        if not _is_port(m.group(2) or "1"):
+            raise ConninfoError(f"port: not a port number (1-65535); percent-encode {_ENCODE}",
+                                hosts_at)
     if any(hosts):
         params["host"] = Param(",".join(hosts), hosts_at)
     if any(ports):
@@ -212,6 +219,13 @@ def _parse_uri(s: str) -> dict[str, Param]:
         params[key] = Param(_decode(value, offset, key), offset)
         offset += len(item) + 1
     return params
+
+
+_ENCODE = "'/', '?' and '@' in a user name or password (%2F, %3F, %40)"
+
+
+def _is_port(text: str) -> bool:
+    return re.fullmatch(r"[0-9]+", text) is not None and 1 <= int(text) <= 65535
 
 
 def _check(key: str, param: Param) -> None:
@@ -233,7 +247,7 @@ def _check(key: str, param: Param) -> None:
                             param.offset)
     if key == "port":
         for port in value.split(","):
-            if port and not (re.fullmatch(r"[0-9]+", port) and 1 <= int(port) <= 65535):
+            if port and not _is_port(port):
                 raise ConninfoError(f"port: {_show(port)} is not a port number", param.offset)
     if key == "connect_timeout" and not (re.fullmatch(r"[0-9]+", value) and int(value) > 0):
         raise ConninfoError(f"connect_timeout: {_show(value)} is not a positive whole number "

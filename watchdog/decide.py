@@ -164,8 +164,13 @@ def never_touched(session: Session, snapshot: Snapshot) -> str | None:
         return "the watchdog's own connection"
     if session.leader_pid is not None:
         return "parallel worker"
-    if session.application_name == APPLICATION_NAME:
-        return "another pg-watchdog instance"
+    if (
+        session.application_name == APPLICATION_NAME
+        and session.usename is not None
+        and session.usename == snapshot.own_role
+    ):
+        # Any client may call itself pg-watchdog; only the watchdog's own role makes it one.
+        return "another pg-watchdog instance (same role)"
     if session.backend_start is None or session.state is None:
         return "details not visible (grant pg_monitor to the watchdog role)"
     return None

@@ -27,6 +27,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from watchdog.escape import json_line
+
 log = logging.getLogger(__name__)
 
 Record = dict[str, Any]
@@ -36,14 +38,10 @@ _JOURNAL = re.compile(r"\d+-[0-9a-f]{8}\.intent")
 NEW = ".new-"  # a journal being created: locked before it gets its name
 UNCONFIRMED = "pg-watchdog stopped after deciding to signal; outcome not recorded"
 
-# Valid inside JSON strings, but str.splitlines() and many tools break lines on them.
-_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
-
 
 def encode(records: Iterable[Record]) -> bytes:
-    """JSON Lines, one record a line, safe for line-splitting tools."""
-    lines = (json.dumps(r, ensure_ascii=False).translate(_LINE_BREAKS) + "\n" for r in records)
-    return "".join(lines).encode("utf-8")
+    """JSON Lines, one record a line, safe for line-splitting tools and terminals."""
+    return "".join(json_line(r) + "\n" for r in records).encode("utf-8")
 
 
 def parse(line: bytes) -> Record | None:

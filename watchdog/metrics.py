@@ -14,9 +14,10 @@ import time
 from collections import Counter as Tally
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from watchdog.config import STATES, Config
+from watchdog.health import Health, serve
 
 if TYPE_CHECKING:
     from watchdog.sweep import SweepReport
@@ -103,13 +104,14 @@ class Metrics:
         )
         self._pooler_gauges(r)
 
-    def start(self) -> None:
-        """Start serving on the configured address; a failure to bind is logged, not fatal."""
+    def start(self, health: Health | None = None) -> None:
+        """Serve the metrics (and, given a service, its /healthz and /readyz) on the configured
+        address; a failure to bind is logged, not fatal."""
         m = self.config.metrics
         if m is None or self._server is not None:
             return
         try:
-            self._server, self._thread = start_http_server(m.port, m.host, registry=self.registry)
+            self._server, self._thread = serve(m.host, m.port, self.registry, health)
         except OSError as exc:
             log.error(
                 "metrics off: cannot listen on %s:%d: %s", m.host, m.port, exc.strerror or exc

@@ -115,6 +115,11 @@ class Snapshot:
         return self.used / self.capacity
 
     @cached_property
+    def own_role(self) -> str | None:
+        """The watchdog's own role (its backend's usename); None if the look did not show it."""
+        return next((s.usename for s in self.sessions if s.pid == self.own_pid), None)
+
+    @cached_property
     def blocking(self) -> dict[int, Blocking]:
         """pid -> who waits on it; empty (one pass over the sessions) while nobody waits."""
         from watchdog.blockers import blocking_map

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 from typing import Any
 
@@ -12,6 +11,7 @@ from watchdog.alerts import Alerts
 from watchdog.audit import AuditError, AuditLog
 from watchdog.config import Config, Target
 from watchdog.connect import TargetError, describe_error, target_session
+from watchdog.escape import json_text, log_text
 from watchdog.pooler_watch import PoolerWatch
 from watchdog.review_render import write_table
 from watchdog.sweep import SweepReport, sweep_target
@@ -94,7 +94,7 @@ async def _sweep_all(config: Config, alerts: Alerts, dry_run: bool, as_json: boo
             kind = "audit" if isinstance(result, AuditError) else "unreachable"
             alerts.trouble(kind, str(result), target.name, logged=False)
             alerts.checkin(target.name, "error")
-            print(f"pg-watchdog: {result}", file=sys.stderr)
+            print(f"pg-watchdog: {log_text(str(result))}", file=sys.stderr)
             out.append({"target": target.name, "error": str(result)})
             continue
         alerts.swept(result)
@@ -122,5 +122,5 @@ async def _sweep_all(config: Config, alerts: Alerts, dry_run: bool, as_json: boo
             if result.records:
                 write_table(result.records, sys.stdout)
     if as_json:
-        print(json.dumps({"targets": out}, ensure_ascii=False, indent=2))
+        print(json_text({"targets": out}, indent=2))
     return 1 if failed else 0

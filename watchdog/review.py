@@ -25,9 +25,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from watchdog.escape import json_line
 from watchdog.review_render import (
     Summary,
-    dumps_line,
     record_client,
     record_time,
     write_json_lines,
@@ -313,7 +313,7 @@ def run(args: argparse.Namespace, audit_path_from_config: Callable[[str | None],
             for rec in records:
                 summary.add(rec)
             if args.json:
-                out.write(dumps_line(summary.as_json()) + "\n")
+                out.write(json_line(summary.as_json()) + "\n")
             else:
                 summary.write_text(out)
         elif args.json:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from watchdog.escape import json_line
 from watchdog.statements import shape
 from watchdog.units import format_duration
 
@@ -26,11 +27,6 @@ ELLIPSIS = "…"
 _NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 # Controls, format characters (bidi overrides, zero-width), lone surrogates, line separators.
 _ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
-# json.dumps(ensure_ascii=False) leaves these raw: DEL, C1 controls (\x9b is a CSI on some
-# terminals), lone surrogates (unencodable in UTF-8), line separators and bidi overrides.
-_JSON_UNSAFE = re.compile(
-    "[\x7f-\x9f\ud800-\udfff\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]"
-)
 _CANONICAL_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z")
 _BATCH = 1000
 
@@ -71,15 +67,9 @@ def record_time(value: object) -> datetime | None:
         return None
 
 
-def dumps_line(obj: object) -> str:
-    """One JSON line, non-ASCII kept readable, still safe to print to a terminal."""
-    text = json.dumps(obj, ensure_ascii=False)
-    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
-
-
 def write_json_lines(records: Iterable[object], out: TextIO) -> None:
     it = iter(records)
-    while chunk := [dumps_line(rec) for rec in itertools.islice(it, _BATCH)]:
+    while chunk := [json_line(rec) for rec in itertools.islice(it, _BATCH)]:
         out.write("\n".join(chunk) + "\n")
 
 

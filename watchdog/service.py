@@ -72,6 +72,7 @@ class Service:
         # Logs replaced by a reload while they still held records back: those records
         # settle intents in their own journal, so they go to their own file, later.
         self.retired: list[AuditLog] = []
+        self.reached: set[str] = set()  # targets swept once (readiness)
 
     # -- scheduling ------------------------------------------------------------
 
@@ -126,6 +127,7 @@ class Service:
             log.exception("%s: sweep failed unexpectedly", name)
             self.alerts.checkin(name, "error", time.monotonic() - started)
         else:
+            self.reached.add(name)
             self._recovered(name)
             self.alerts.swept(report)
             self.metrics.swept(report)
@@ -212,6 +214,10 @@ class Service:
                 return False
         return True
 
+    def ready(self) -> bool:
+        """Whether the policies are loaded and every target has been swept once (/readyz)."""
+        return all(t.name in self.reached for t in self.config.targets)
+
     async def _pinger(self, period: float) -> None:
         while True:
             await asyncio.sleep(period)
@@ -247,6 +253,7 @@ class Service:
                 continue
             self.scheduler.remove_job(name)
             self.due.pop(name, None)
+            self.reached.discard(name)
             runner = self.runners.pop(name)
             await runner.close()
         for t in new.targets:
@@ -280,7 +287,7 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload.set)
-        self.metrics.start()
+        self.metrics.start(self)
         self.scheduler.start()
         for t in self.config.targets:
             self._schedule(t.name)

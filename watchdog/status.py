@@ -20,11 +20,12 @@ from watchdog.blockers import describe as describe_blocking
 from watchdog.config import Config, Target
 from watchdog.connect import STATEMENT_TIMEOUT, close_quietly, describe_error, open_target
 from watchdog.decide import decide
+from watchdog.escape import json_line
 from watchdog.model import Session, Snapshot, Verdict
 from watchdog.pooler import describe_client
 from watchdog.pooler_watch import PoolerRound, PoolerWatch
 from watchdog.prepared import PreparedXact, read_prepared
-from watchdog.review_render import dumps_line, fit
+from watchdog.review_render import fit
 from watchdog.sweep import look
 from watchdog.units import format_duration
 
@@ -362,7 +363,7 @@ def _print_round(reports: list[Report], args: argparse.Namespace, clear: bool) -
     failed = [r for r in reports if "error" in r]
     out: list[str] = [_CLEAR] if clear else []
     if args.json:
-        out.append(dumps_line({"targets": reports}) + "\n")
+        out.append(json_line({"targets": reports}) + "\n")
     else:
         out.append("\n".join(render_text(r) for r in reports if "error" not in r))
     sys.stdout.write("".join(out))

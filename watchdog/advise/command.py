@@ -19,8 +19,9 @@ from watchdog.advise.findings import Finding, Record, Window
 from watchdog.advise.look import Look, take_look
 from watchdog.config import Config
 from watchdog.connect import TargetError
+from watchdog.escape import json_line
 from watchdog.review import iter_records, parse_when
-from watchdog.review_render import dumps_line, fit, record_time
+from watchdog.review_render import fit, record_time
 
 DEFAULT_SINCE = "7d"
 EXIT_OK, EXIT_TARGET, EXIT_USAGE = 0, 1, 2
@@ -132,7 +133,7 @@ def run_advise(config: Config, args: argparse.Namespace) -> int:
             "unreachable": errors,
             "notes": notes,
         }
-        sys.stdout.write(dumps_line(doc) + "\n")
+        sys.stdout.write(json_line(doc) + "\n")
     else:
         render_text(findings, window, path, len(records), errors, sys.stdout, notes)
     sys.stdout.flush()
