@@ -72,6 +72,13 @@ def test_demo_reproduces_the_incident_heals_it_and_cleans_up(major: int) -> None
     assert re.search(r"total +\d+", summary)
     assert re.search(r"\d+ +terminated", summary)
     assert "spared" not in summary.lower()
+    # The leak traced to the one statement the leaky application leaves its sessions after.
+    shape = "SELECT id, status FROM orders WHERE id = $1 AND status <> $2 FOR UPDATE"
+    assert re.search(rf"by statement\n +\d+  {re.escape(shape)}\n", summary), summary
+    advice = out[out.index("$ pg-watchdog advise") :]
+    assert re.search(rf"(\d+) of \1 kills of leaky-app were idle \(\d+\) or idle in"
+                     rf" transaction \(\d+\) after `{re.escape(shape)}`", advice), advice
+    assert f"Look first at the code that runs `{shape}`" in advice, advice
     _assert_cleaned_up(m.group(1))
     assert elapsed < 60, f"demo --fast took {elapsed:.0f}s"
 

@@ -22,6 +22,7 @@ import pytest
 from watchdog import review
 from watchdog.review import OUTCOMES, configure_parser, iter_records, parse_when, run
 from watchdog.review_render import human_age
+from watchdog.statements import shape
 
 NOW = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
 HOSTILE_APP = "evil\n\x1b[31mred\x1b]0;pwned\x07\r\u202eabc\x9b2J\t'\"end"
@@ -246,6 +247,7 @@ def expected_summary(selected: list[Record]) -> dict[str, Any]:
         "by_application": Counter(r["application_name"] for r in selected),
         "by_outcome": Counter(r["outcome"] for r in selected),
         "by_client": Counter(r["client_addr"] or "" for r in selected),
+        "by_statement": Counter(shape(r.get("query")) or "" for r in selected),
     }
 
 

@@ -86,8 +86,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--summary",
         action="store_true",
-        help="print counts by policy, user, application, outcome and client"
-        " (a JSON object with --json)",
+        help="print counts by policy, user, application, outcome, client and statement"
+        " (the shape of the last statement, constants as $n; a JSON object with --json)",
     )
 
 

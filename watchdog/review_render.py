@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from watchdog.escape import json_line
+from watchdog.statements import shape
 from watchdog.units import format_duration
 
 ELLIPSIS = "…"
@@ -191,7 +192,9 @@ _SUMMARY_FIELDS = (
     ("application", "application_name"),
     ("outcome", "outcome"),
     ("client", ""),  # computed: record_client()
+    ("statement", ""),  # computed: the shape of the last statement (statements.shape)
 )
+_WIDTH = {"statement": 160}  # columns of a key shown; 64 for the others
 
 
 def record_client(rec: Mapping[str, Any]) -> str | None:
@@ -201,6 +204,10 @@ def record_client(rec: Mapping[str, Any]) -> str | None:
         return str(pc["addr"])
     value = rec.get("client_addr")
     return value if isinstance(value, str) else None
+
+
+def _computed(name: str, rec: Mapping[str, Any]) -> str | None:
+    return record_client(rec) if name == "client" else shape(rec.get("query"))
 
 
 class Summary:
@@ -218,7 +225,7 @@ class Summary:
     def add(self, rec: Mapping[str, Any]) -> None:
         self.total += 1
         for name, field in _SUMMARY_FIELDS:
-            value = rec.get(field) if field else record_client(rec)
+            value = rec.get(field) if field else _computed(name, rec)
             self.counts[name][_text(value)] += 1
 
     def _sorted(self, name: str) -> list[tuple[str, int]]:
@@ -239,6 +246,6 @@ class Summary:
         for name, _ in _SUMMARY_FIELDS:
             lines.append(f"\nby {name}\n")
             for key, count in self._sorted(name):
-                shown = fit(key, 64)[0] if key else "(empty)"
+                shown = fit(key, _WIDTH.get(name, 64))[0] if key else "(empty)"
                 lines.append(f"  {count:>{digits}}  {shown}\n")
         out.write("".join(lines))

@@ -25,7 +25,7 @@ def analyse(
     found: list[Finding] = []
     for name in targets:
         mine = by_target.get((name,), [])
-        found += leak(name, mine, window)
+        found += leak(name, mine, window, policies)
         found += own.max_per_sweep(name, mine, config)
         found += own.dry_run_left_on(name, mine, config, window)
         found += own.policy_unused(name, mine, config, window)
