@@ -111,9 +111,23 @@ def setup(pg: TempCluster) -> None:
         f" GRANT {grants} TO watchdog;"
     )
     res = subprocess.run(
-        [str(pg.bindir / "pgbench"), "-i", "-q", "-s", str(SCALE), "-h", pg.host,
-         "-p", str(pg.port), "-U", "postgres", "postgres"],
-        capture_output=True, text=True, check=False,
+        [
+            str(pg.bindir / "pgbench"),
+            "-i",
+            "-q",
+            "-s",
+            str(SCALE),
+            "-h",
+            pg.host,
+            "-p",
+            str(pg.port),
+            "-U",
+            "postgres",
+            "postgres",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if res.returncode:
         raise SystemExit(f"pgbench -i failed: {res.stderr.strip()}")
@@ -129,7 +143,10 @@ class Watchdog:
         with self.log.open("w") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "watchdog", "run", "-c", str(policy)],
-                cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                cwd=tree,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
             )
 
     def sweeps(self) -> float:
@@ -162,15 +179,34 @@ class Watchdog:
                 self.proc.wait()
 
 
-def pgbench(pg: TempCluster, host: str, port: int, script: str, clients: int,
-            seconds: float, logdir: Path) -> dict[str, float]:
+def pgbench(
+    pg: TempCluster, host: str, port: int, script: str, clients: int, seconds: float, logdir: Path
+) -> dict[str, float]:
     """One pgbench run: TPS and latency percentiles (ms) from its transaction log."""
     for old in logdir.glob("tx*"):
         old.unlink()
-    cmd = [str(pg.bindir / "pgbench"), "-n", *SCRIPTS[script], "-c", str(clients),
-           "-j", str(min(clients, 2)), "-T", str(int(seconds)), "-h", host, "-p", str(port),
-           "-U", "postgres", "-l", "--sampling-rate", "0.25", f"--log-prefix={logdir}/tx",
-           "postgres"]
+    cmd = [
+        str(pg.bindir / "pgbench"),
+        "-n",
+        *SCRIPTS[script],
+        "-c",
+        str(clients),
+        "-j",
+        str(min(clients, 2)),
+        "-T",
+        str(int(seconds)),
+        "-h",
+        host,
+        "-p",
+        str(port),
+        "-U",
+        "postgres",
+        "-l",
+        "--sampling-rate",
+        "0.25",
+        f"--log-prefix={logdir}/tx",
+        "postgres",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=logdir, check=False)
     m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", res.stdout)
     if res.returncode or m is None:
@@ -185,15 +221,25 @@ def pgbench(pg: TempCluster, host: str, port: int, script: str, clients: int,
 
 
 @contextlib.contextmanager
-def watchdog_for(mode: str, pg: TempCluster, pooler: TempPooler | None, tmp: Path,
-                 tree: Path, leaky_idle_from: float) -> Iterator[Watchdog | None]:
+def watchdog_for(
+    mode: str,
+    pg: TempCluster,
+    pooler: TempPooler | None,
+    tmp: Path,
+    tree: Path,
+    leaky_idle_from: float,
+) -> Iterator[Watchdog | None]:
     if mode == "without":
         yield None
         return
     port = free_port()
-    poolers = (f"    poolers: [{{name: pgb1, dsn: '{pooler.dsn()}'}}]" if pooler else "")
-    fields = {"dsn": pg.dsn("watchdog"), "poolers": poolers, "audit": tmp / f"{mode}.jsonl",
-              "port": port}
+    poolers = f"    poolers: [{{name: pgb1, dsn: '{pooler.dsn()}'}}]" if pooler else ""
+    fields = {
+        "dsn": pg.dsn("watchdog"),
+        "poolers": poolers,
+        "audit": tmp / f"{mode}.jsonl",
+        "port": port,
+    }
     threshold = 0.0
     if mode == "fast":
         # The first leaky session went idle at leaky_idle_from; with this threshold it crosses
@@ -226,25 +272,42 @@ def run_size(a: argparse.Namespace, n: int, tree: Path) -> tuple[dict[str, Any],
     with tempfile.TemporaryDirectory(prefix="pgwd-overhead-") as tmpname:
         tmp = Path(tmpname)
         tmp.chmod(0o755)
-        pg = start_cluster(a.major, max_connections=n + leaky + a.clients + 60,
-                           settings=settings, base_dir=tmp)
+        pg = start_cluster(
+            a.major, max_connections=n + leaky + a.clients + 60, settings=settings, base_dir=tmp
+        )
         pooler = None
         try:
             setup(pg)
             about = machine(pg)
             if a.pgbouncer:
                 pool = str(leaky + a.clients + 10)
-                pooler = start_pooler(pg, settings={
-                    "default_pool_size": pool, "max_client_conn": str(leaky + a.clients + 50),
-                    "max_db_connections": "0"}, base_dir=tmp)
-            bench_host, bench_port = (pg.host, pg.port) if pooler is None else (
-                "127.0.0.1", pooler.port)
-            leaky_dsn = (pg.dsn("app") if pooler is None
-                         else f"postgresql://app@127.0.0.1:{pooler.port}/postgres")
+                pooler = start_pooler(
+                    pg,
+                    settings={
+                        "default_pool_size": pool,
+                        "max_client_conn": str(leaky + a.clients + 50),
+                        "max_db_connections": "0",
+                    },
+                    base_dir=tmp,
+                )
+            bench_host, bench_port = (
+                (pg.host, pg.port) if pooler is None else ("127.0.0.1", pooler.port)
+            )
+            leaky_dsn = (
+                pg.dsn("app")
+                if pooler is None
+                else f"postgresql://app@127.0.0.1:{pooler.port}/postgres"
+            )
             print(f"  holding {n} idle sessions and {leaky} leaky ones", flush=True)
-            with Holder(pg.dsn("idler"), n, "bench-idle"), Holder(
-                leaky_dsn, leaky, "bench-leaky", "stagger" if pooler is None else "stagger_iit",
-                spread,
+            with (
+                Holder(pg.dsn("idler"), n, "bench-idle"),
+                Holder(
+                    leaky_dsn,
+                    leaky,
+                    "bench-leaky",
+                    "stagger" if pooler is None else "stagger_iit",
+                    spread,
+                ),
             ):
                 leaky_idle_from = time.time()
                 rows: list[dict[str, Any]] = []
@@ -252,24 +315,29 @@ def run_size(a: argparse.Namespace, n: int, tree: Path) -> tuple[dict[str, Any],
                 logdir.mkdir()
                 logdir.chmod(0o777)
                 for r in range(a.rounds):
-                    order = MODES[r % 3:] + MODES[:r % 3]
+                    order = MODES[r % 3 :] + MODES[: r % 3]
                     for mode in order:
                         with watchdog_for(mode, pg, pooler, tmp, tree, leaky_idle_from) as wd:
                             before = wd.sweeps() if wd else 0.0
                             t = time.monotonic()
                             for script in a.scripts:
-                                res = pgbench(pg, bench_host, bench_port, script, a.clients,
-                                              a.seconds, logdir)
+                                res = pgbench(
+                                    pg, bench_host, bench_port, script, a.clients, a.seconds, logdir
+                                )
                                 rows.append({"round": r, "mode": mode, "script": script, **res})
                             took = time.monotonic() - t
                             rate = ((wd.sweeps() - before) / took) if wd else 0.0
-                            for row in rows[-len(a.scripts):]:
+                            for row in rows[-len(a.scripts) :]:
                                 row["sweeps_per_s"] = rate
-                        print(f"  round {r + 1}/{a.rounds} {mode:8s} "
-                              + "  ".join(f"{x['script']} {x['tps']:.0f} tps p99 {x['p99']:.2f}ms"
-                                          for x in rows[-len(a.scripts):])
-                              + (f"  ({rate:.2f} sweeps/s)" if mode != "without" else ""),
-                              flush=True)
+                        print(
+                            f"  round {r + 1}/{a.rounds} {mode:8s} "
+                            + "  ".join(
+                                f"{x['script']} {x['tps']:.0f} tps p99 {x['p99']:.2f}ms"
+                                for x in rows[-len(a.scripts) :]
+                            )
+                            + (f"  ({rate:.2f} sweeps/s)" if mode != "without" else ""),
+                            flush=True,
+                        )
             return {"sessions": n, "rows": rows}, about
         finally:
             if pooler is not None:
@@ -287,17 +355,23 @@ def summarise(result: dict[str, Any], scripts: list[str]) -> list[dict[str, Any]
             mine = [r for r in rows if r["script"] == script and r["mode"] == mode]
             tps_ratio = [r["tps"] / base[r["round"]]["tps"] for r in mine]
             p99_ratio = [r["p99"] / base[r["round"]]["p99"] for r in mine]
-            out.append({
-                "sessions": result["sessions"], "script": script, "mode": mode,
-                "tps": median([r["tps"] for r in mine]),
-                "p50_ms": median([r["p50"] for r in mine]),
-                "p99_ms": median([r["p99"] for r in mine]),
-                "sweeps_per_s": median([r["sweeps_per_s"] for r in mine]),
-                "tps_ratio": median(tps_ratio), "tps_ratio_min": min(tps_ratio),
-                "tps_ratio_max": max(tps_ratio),
-                "p99_ratio": median(p99_ratio), "p99_ratio_min": min(p99_ratio),
-                "p99_ratio_max": max(p99_ratio),
-            })
+            out.append(
+                {
+                    "sessions": result["sessions"],
+                    "script": script,
+                    "mode": mode,
+                    "tps": median([r["tps"] for r in mine]),
+                    "p50_ms": median([r["p50"] for r in mine]),
+                    "p99_ms": median([r["p99"] for r in mine]),
+                    "sweeps_per_s": median([r["sweeps_per_s"] for r in mine]),
+                    "tps_ratio": median(tps_ratio),
+                    "tps_ratio_min": min(tps_ratio),
+                    "tps_ratio_max": max(tps_ratio),
+                    "p99_ratio": median(p99_ratio),
+                    "p99_ratio_min": min(p99_ratio),
+                    "p99_ratio_max": max(p99_ratio),
+                }
+            )
     return out
 
 
@@ -308,10 +382,18 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--leaky", type=int, default=400,
-                   help="sessions crossing their threshold one after another (fast cadence)")
-    p.add_argument("--crossing", type=float, default=0.2,
-                   help="seconds between two leaky sessions crossing (<= 0.25: floor cadence)")
+    p.add_argument(
+        "--leaky",
+        type=int,
+        default=400,
+        help="sessions crossing their threshold one after another (fast cadence)",
+    )
+    p.add_argument(
+        "--crossing",
+        type=float,
+        default=0.2,
+        help="seconds between two leaky sessions crossing (<= 0.25: floor cadence)",
+    )
     p.add_argument("--scripts", default="select-only,tpcb")
     p.add_argument("--pgbouncer", action="store_true")
     p.add_argument("--watchdog-tree", type=Path, default=REPO)
@@ -324,28 +406,63 @@ def main() -> None:
     summary: list[dict[str, Any]] = []
     about = ""
     for n in sizes:
-        print(f"size {n}: PostgreSQL {a.major}{' behind PgBouncer' if a.pgbouncer else ''}, "
-              f"watchdog from {tree}", flush=True)
+        print(
+            f"size {n}: PostgreSQL {a.major}{' behind PgBouncer' if a.pgbouncer else ''}, "
+            f"watchdog from {tree}",
+            flush=True,
+        )
         result, about = run_size(a, n, tree)
         summary += summarise(result, a.scripts)
     if a.json:
-        print(json.dumps({"machine": about, "pgbouncer": a.pgbouncer, "rounds": a.rounds,
-                          "seconds": a.seconds, "clients": a.clients, "summary": summary},
-                         indent=2))
+        print(
+            json.dumps(
+                {
+                    "machine": about,
+                    "pgbouncer": a.pgbouncer,
+                    "rounds": a.rounds,
+                    "seconds": a.seconds,
+                    "clients": a.clients,
+                    "summary": summary,
+                },
+                indent=2,
+            )
+        )
         return
     print()
     print(about)
-    print(f"pgbench {a.clients} clients x {a.seconds:g}s, {a.rounds} rounds, modes alternating;"
-          f" ratios against 'without' of the same round: median (min..max)")
-    print(table(
-        ["sessions", "script", "mode", "sweeps/s", "tps", "p50 ms", "p99 ms", "tps ratio",
-         "p99 ratio"],
-        [[s["sessions"], s["script"], s["mode"], f"{s['sweeps_per_s']:.2f}", f"{s['tps']:.0f}",
-          f"{s['p50_ms']:.2f}", f"{s['p99_ms']:.2f}",
-          f"{s['tps_ratio']:.3f} ({s['tps_ratio_min']:.3f}..{s['tps_ratio_max']:.3f})",
-          f"{s['p99_ratio']:.3f} ({s['p99_ratio_min']:.3f}..{s['p99_ratio_max']:.3f})"]
-         for s in summary],
-    ))
+    print(
+        f"pgbench {a.clients} clients x {a.seconds:g}s, {a.rounds} rounds, modes alternating;"
+        f" ratios against 'without' of the same round: median (min..max)"
+    )
+    print(
+        table(
+            [
+                "sessions",
+                "script",
+                "mode",
+                "sweeps/s",
+                "tps",
+                "p50 ms",
+                "p99 ms",
+                "tps ratio",
+                "p99 ratio",
+            ],
+            [
+                [
+                    s["sessions"],
+                    s["script"],
+                    s["mode"],
+                    f"{s['sweeps_per_s']:.2f}",
+                    f"{s['tps']:.0f}",
+                    f"{s['p50_ms']:.2f}",
+                    f"{s['p99_ms']:.2f}",
+                    f"{s['tps_ratio']:.3f} ({s['tps_ratio_min']:.3f}..{s['tps_ratio_max']:.3f})",
+                    f"{s['p99_ratio']:.3f} ({s['p99_ratio_min']:.3f}..{s['p99_ratio_max']:.3f})",
+                ]
+                for s in summary
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":
