@@ -5,7 +5,11 @@ is ever formatted into SQL text.
 """
 
 # One statement per sweep: the sessions, the server's clock and its slot limits.
-# now() is the statement's start, the same instant pg_stat_activity is read.
+# now() is the statement's start, the same instant pg_stat_activity is read. The server's
+# values come once, in a row of their own whose pid is NULL; each session's row leaves them
+# NULL, so a look at 5,000 sessions does not send and decode them 5,000 times.
+# pg_stat_get_activity(NULL) is what the pg_stat_activity view reads; joining pg_roles once
+# gives both the role's name and rolsuper (the view would join the roles a second time).
 #
 # Text the server does not convert comes as bytes (textsend): pg_stat_activity.query of a
 # session in another database is that database's encoding, and role and database names are
