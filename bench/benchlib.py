@@ -169,10 +169,12 @@ async def _hold(dsn: str, n: int, app: str, mode: str, spread: float) -> None:
         await asyncio.gather(*(c.execute("SELECT 1") for c in conns))
     elif mode == "iit":
         await asyncio.gather(*(c.execute("BEGIN; SELECT 1") for c in conns))
-    elif mode == "stagger":  # active now, idle at evenly spread moments over `spread` seconds
+    elif mode in ("stagger", "stagger_iit"):
+        # Active now, idle (or idle in transaction) at evenly spread moments over `spread` s.
         step = spread / max(n - 1, 1)
+        begin = "BEGIN; " if mode == "stagger_iit" else ""
         busy = [
-            asyncio.create_task(c.execute(f"SELECT pg_sleep({i * step:.3f})"))
+            asyncio.create_task(c.execute(f"{begin}SELECT pg_sleep({i * step:.3f})"))
             for i, c in enumerate(conns)
         ]
         await asyncio.sleep(0.2)

@@ -5,7 +5,11 @@ is ever formatted into SQL text.
 """
 
 # One statement per sweep: the sessions, the server's clock and its slot limits.
-# now() is the statement's start, the same instant pg_stat_activity is read.
+# now() is the statement's start, the same instant pg_stat_activity is read. The server's
+# values come once, in a row of their own whose pid is NULL; each session's row leaves them
+# NULL, so a look at 5,000 sessions does not send and decode them 5,000 times.
+# pg_stat_get_activity(NULL) is what the pg_stat_activity view reads; joining pg_roles once
+# gives both the role's name and rolsuper (the view would join the roles a second time).
 #
 # Text the server does not convert comes as bytes (textsend): pg_stat_activity.query of a
 # session in another database is that database's encoding, and role and database names are
@@ -28,30 +32,35 @@ WITH RECURSIVE members(oid, rolname) AS (
 ), waits AS MATERIALIZED (
     SELECT pid, min(waitstart) AS wait_start FROM pg_locks WHERE NOT granted GROUP BY pid
 )
-SELECT a.pid, coalesce(a.backend_type, '') AS backend_type, a.backend_start,
-       textsend(a.usename::text) AS usename,
-       r.rolsuper, textsend(a.datname::text) AS datname,
-       coalesce(a.application_name, '') AS application_name,
-       host(a.client_addr) AS client_addr, a.state, a.state_change,
-       a.xact_start, a.query_start, textsend(a.query) AS query, a.leader_pid,
-       a.client_port, coalesce(m.member_of, '{}') AS member_of,
-       CASE WHEN a.wait_event_type = 'Lock' THEN pg_blocking_pids(a.pid) END AS blocked_by,
-       CASE WHEN a.wait_event_type = 'Lock'
-            THEN (SELECT w.wait_start FROM waits w WHERE w.pid = a.pid)
-       END AS wait_start,
-       age(a.backend_xmin) AS xmin_age,
-       s.now, s.own_pid, s.version_num, s.max_connections, s.su_reserved, s.reserved,
-       s.in_recovery
-FROM (SELECT now() AS now,
-             pg_backend_pid() AS own_pid,
-             current_setting('server_version_num')::int AS version_num,
-             current_setting('max_connections')::int AS max_connections,
-             current_setting('superuser_reserved_connections')::int AS su_reserved,
-             coalesce(current_setting('reserved_connections', true), '0')::int AS reserved,
-             pg_is_in_recovery() AS in_recovery) s
-LEFT JOIN pg_stat_activity a ON true
-LEFT JOIN pg_roles r ON r.oid = a.usesysid
-LEFT JOIN membership m ON m.oid = a.usesysid
+SELECT NULL::int AS pid, NULL AS backend_type, NULL::timestamptz AS backend_start,
+       NULL::bytea AS usename, NULL::bool AS rolsuper, NULL::bytea AS datname,
+       NULL AS application_name, NULL AS client_addr, NULL AS state,
+       NULL::timestamptz AS state_change, NULL::timestamptz AS xact_start,
+       NULL::timestamptz AS query_start, NULL::bytea AS query, NULL::int AS leader_pid,
+       NULL::int AS client_port, NULL::text[] AS member_of, NULL::int[] AS blocked_by,
+       NULL::timestamptz AS wait_start, NULL::int AS xmin_age,
+       now() AS now, pg_backend_pid() AS own_pid,
+       current_setting('server_version_num')::int AS version_num,
+       current_setting('max_connections')::int AS max_connections,
+       current_setting('superuser_reserved_connections')::int AS su_reserved,
+       coalesce(current_setting('reserved_connections', true), '0')::int AS reserved,
+       pg_is_in_recovery() AS in_recovery
+UNION ALL
+SELECT s.pid, coalesce(s.backend_type, ''), s.backend_start,
+       textsend(r.rolname::text), r.rolsuper, textsend(d.datname::text),
+       coalesce(s.application_name, ''), host(s.client_addr), s.state, s.state_change,
+       s.xact_start, s.query_start, textsend(s.query), s.leader_pid,
+       s.client_port, m.member_of,
+       CASE WHEN s.wait_event_type = 'Lock' THEN pg_blocking_pids(s.pid) END,
+       CASE WHEN s.wait_event_type = 'Lock'
+            THEN (SELECT w.wait_start FROM waits w WHERE w.pid = s.pid)
+       END,
+       age(s.backend_xmin),
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL
+FROM pg_stat_get_activity(NULL) s
+LEFT JOIN pg_database d ON d.oid = s.datid
+LEFT JOIN pg_roles r ON r.oid = s.usesysid
+LEFT JOIN membership m ON m.oid = s.usesysid
 """
 
 # The race-safe action, for a whole batch in one statement. Each backend is

@@ -19,7 +19,7 @@ def server_text(raw: bytes | None) -> str | None:
 def _session(r: Any) -> Session:
     # Positional and spelled out: this runs once per backend per sweep, and a generic loop
     # over the fields costs twice as much. tests/test_snapshot.py pins the column order.
-    u, d, q, blocked = r[3], r[5], r[12], r[16]
+    u, d, q, member_of, blocked = r[3], r[5], r[12], r[15], r[16]
     return _make((
         r[0], r[1], r[2],
         None if u is None else u.decode("utf-8", "backslashreplace"),
@@ -28,7 +28,7 @@ def _session(r: Any) -> Session:
         r[6], r[7], r[8], r[9], r[10], r[11],
         None if q is None else q.decode("utf-8", "backslashreplace"),
         r[13], r[14],
-        tuple(r[15]),
+        () if member_of is None else tuple(member_of),
         None if blocked is None else tuple(blocked),
         r[17], r[18],
     ))
@@ -47,7 +47,8 @@ async def take_snapshot(
     ``roles``: the roles member_of rules name; each session lists those its role is in.
     """
     rows = await conn.fetch(queries.SNAPSHOT, list(roles), timeout=timeout)
-    first = rows[0]
+    # The server's values come in the one row without a session (the first, in practice).
+    first = next(r for r in rows if r[0] is None)
     return Snapshot(
         now=first["now"],
         own_pid=first["own_pid"],
