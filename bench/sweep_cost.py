@@ -2,142 +2,129 @@
 ``SELECT * FROM pg_stat_activity`` over asyncpg, at 100, 1,000 and 5,000 sessions.
 
 Each size gets its own throwaway server (max_connections = sessions + 20, small
-shared_buffers); a child process holds the idle sessions. On one monitoring connection
-(the watchdog's own settings) the four measurements take turns, median of --runs each:
+shared_buffers, pg_stat_statements loaded where the server ships it); a child process holds
+the idle sessions. The policies are the shipped seed (policies/default.yaml, dry run). Each
+checkout given by --watchdog-tree (default: this one) is measured by bench/sweep_probe.py in
+a child process of its own, the checkouts taking turns for --rounds rounds on the same
+server, so that before/after figures share the machine's moment. Per round and checkout,
+median of --runs of each, on the watchdog's own connection (role watchdog):
 
-  bare      conn.fetch("SELECT * FROM pg_stat_activity")
-  snapshot  watchdog.snapshot.take_snapshot (the one SNAPSHOT query, rows -> Sessions)
-  +decide   take_snapshot + watchdog.decide.decide with the default policies
-  sweep     watchdog.sweep.sweep_target, dry run, nothing due (= `once --dry-run`)
+  client, end to end (ms):
+    bare      conn.fetch("SELECT * FROM pg_stat_activity")
+    snapshot  watchdog.snapshot.take_snapshot (the one SNAPSHOT query, rows -> Sessions)
+    +decide   take_snapshot + decide(explain=False), as a sweep decides
+    sweep     watchdog.sweep.sweep_target, dry run, nothing due (= a sweep of `run`)
+  server, SNAPSHOT / bare read:
+    once      EXPLAIN ANALYZE planning + execution, planned anew with the values bound
+    run       EXPLAIN ANALYZE execution of the generic plan (asyncpg's prepared statement
+              is planned generically after five executions)
+    pgss      pg_stat_statements mean_exec_time over asyncpg's prepared statements
+  On 17+ EXPLAIN's SERIALIZE BINARY counts the output's serialization, as asyncpg gets it.
 
-With --profile, a cProfile of the sweeps of the largest size is printed too.
+Ratios are per round; the table gives their median over the rounds and [min-max].
 
     .venv/bin/python bench/sweep_cost.py [--major 18] [--sizes 100,1000,5000] [--runs 30]
+        [--rounds 3] [--watchdog-tree DIR ...] [--profile] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import cProfile
-import io
-import pstats
+import json
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import (
-    SEED_POLICY,
-    Holder,
-    machine,
-    median,
-    raise_nofile,
-    samples_ms,
-    setup_roles,
-    table,
-)
+from benchlib import REPO, Holder, machine, raise_nofile, setup_roles, table
 
-from watchdog import queries
-from watchdog.audit import AuditLog
-from watchdog.config import load_config
-from watchdog.connect import connect, server_address
-from watchdog.decide import decide
-from watchdog.snapshot import sessions_from_rows, take_snapshot
-from watchdog.sweep import sweep_target
-from watchdog.tempcluster import start_cluster
+from watchdog.tempcluster import TempCluster, start_cluster
+
+PROBE = Path(__file__).resolve().with_name("sweep_probe.py")
 
 
-async def measure(
-    dsn_postgres: str, dsn: str, tmp: Path, runs: int, profile: bool
-) -> dict[str, Any]:
-    path = tmp / "policies.yaml"
-    path.write_text(SEED_POLICY.format(dsn=dsn, poolers="", audit=tmp / "audit.jsonl"))
-    config = load_config(str(path))
-    target = config.targets[0]
-    audit = AuditLog(config.audit.path)
-    conn = await connect(target)
-    server = await server_address(conn)
+def has_pg_stat_statements(major: int) -> bool:
+    from watchdog.tempcluster import find_bindir
 
-    async def bare() -> Any:
-        return await conn.fetch("SELECT * FROM pg_stat_activity")
-
-    async def snapshot() -> Any:
-        return await take_snapshot(conn)
-
-    async def snap_decide() -> Any:
-        return decide(await take_snapshot(conn), config, target.name, dry_run=True)
-
-    async def sweep() -> Any:
-        report = await sweep_target(conn, server, config, target, audit, dry_run=True)
-        assert not report.decision.actions
-        return report
-
-    try:
-        for fn in (bare, snapshot, snap_decide, sweep):  # warm up plans and caches
-            for _ in range(3):
-                await fn()
-        results: dict[str, list[float]] = {n: [] for n in ("bare", "snapshot", "decide", "sweep")}
-        rounds = 5  # interleave, so drift on the machine hits every measurement alike
-        for _ in range(rounds):
-            results["bare"] += await samples_ms(bare, runs // rounds)
-            results["snapshot"] += await samples_ms(snapshot, runs // rounds)
-            results["decide"] += await samples_ms(snap_decide, runs // rounds)
-            results["sweep"] += await samples_ms(sweep, runs // rounds)
-        rows = len(await bare())
-        # Where the time goes, outside the server: decoding vs building Sessions vs deciding.
-        raw = await conn.fetch(queries.SNAPSHOT, [])
-        t = time.perf_counter()
-        snap = await take_snapshot(conn)
-        t_snap = time.perf_counter() - t
-        t = time.perf_counter()
-        for _ in range(5):
-            decide(snap, config, target.name, dry_run=True)
-        t_decide = (time.perf_counter() - t) / 5
-        t = time.perf_counter()
-        for _ in range(5):
-            sessions_from_rows(raw)
-        t_sessions = (time.perf_counter() - t) / 5
-        prof = None
-        if profile:
-            pr = cProfile.Profile()
-            pr.enable()
-            for _ in range(10):
-                await sweep()
-            pr.disable()
-            out = io.StringIO()
-            pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(18)
-            prof = out.getvalue()
-        return {
-            "rows": rows,
-            **{k: median(v) for k, v in results.items()},
-            **{f"{k}_min": min(v) for k, v in results.items()},
-            "snap_once": t_snap * 1000,
-            "decide_only": t_decide * 1000,
-            "sessions_only": t_sessions * 1000,
-            "profile": prof,
-        }
-    finally:
-        await conn.close()
+    return (find_bindir(major).parent / "lib" / "pg_stat_statements.so").exists() or Path(
+        f"/usr/lib/postgresql/{major}/lib/pg_stat_statements.so"
+    ).exists()
 
 
-def run_size(major: int, n: int, runs: int, profile: bool) -> tuple[dict[str, Any], str]:
+def probe(pg: TempCluster, tree: Path, runs: int, pgss: bool, profile: bool) -> dict[str, Any]:
+    cmd = [sys.executable, str(PROBE), str(tree), pg.dsn("watchdog"), pg.dsn(), str(runs)]
+    cmd += ["--pgss"] * pgss + ["--profile"] * profile
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"sweep_probe.py failed for {tree}:\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def run_size(major: int, n: int, trees: list[Path], runs: int, rounds: int, profile: bool
+             ) -> tuple[dict[str, list[dict[str, Any]]], str]:
+    pgss = has_pg_stat_statements(major)
     settings = {"shared_buffers": "16MB", "max_locks_per_transaction": "16"}
+    if pgss:
+        settings["shared_preload_libraries"] = "'pg_stat_statements'"
     with tempfile.TemporaryDirectory(prefix="pgwd-bench-") as tmp:
         Path(tmp).chmod(0o711)
         pg = start_cluster(major, max_connections=n + 20, settings=settings, base_dir=Path(tmp))
         try:
             setup_roles(pg)
+            if pgss:
+                pg.psql("CREATE EXTENSION pg_stat_statements")
             t = time.monotonic()
+            results: dict[str, list[dict[str, Any]]] = {str(tree): [] for tree in trees}
             with Holder(pg.dsn("app"), n, "bench-idle"):
-                opened = time.monotonic() - t
-                print(f"  {n} sessions open in {opened:.1f}s", flush=True)
-                result = asyncio.run(
-                    measure(pg.dsn(), pg.dsn("watchdog"), Path(tmp), runs, profile)
-                )
-            return result, machine(pg)
+                print(f"  {n} sessions open in {time.monotonic() - t:.1f}s", flush=True)
+                for r in range(rounds):
+                    for tree in trees:
+                        last = profile and r == rounds - 1
+                        results[str(tree)].append(probe(pg, tree, runs, pgss, last))
+                    print(f"  round {r + 1}/{rounds} done", flush=True)
+            return results, machine(pg)
         finally:
             pg.cleanup()
+
+
+def spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    """Median [min-max] of per-round values."""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}-" \
+           f"{fmt.format(max(values))}]"
+
+
+def summary(n: int, tree: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    def ms(key: str) -> list[float]:
+        return [r["ms"][key] for r in rounds]
+
+    def server(kind: str) -> list[float]:
+        return [r["server_ms"][kind]["snapshot"] / r["server_ms"][kind]["bare"]
+                for r in rounds if r["server_ms"].get(kind, {}).get("bare")]
+
+    return {
+        "sessions": n,
+        "tree": tree,
+        "rows": rounds[0]["rows"],
+        "bare_ms": ms("bare"),
+        "snapshot_ms": ms("snapshot"),
+        "decide_ms": ms("decide"),
+        "sweep_ms": ms("sweep"),
+        "sweep_over_bare": [r["ms"]["sweep"] / r["ms"]["bare"] for r in rounds],
+        "sessions_build_ms": [r["parts_ms"]["sessions"] for r in rounds],
+        "decide_only_ms": [r["parts_ms"]["decide"] for r in rounds],
+        "decide_explain_ms": [r["parts_ms"]["explain"] for r in rounds],
+        "server_once": server("fresh"),
+        "server_run": server("generic"),
+        "server_pgss": server("pgss"),
+        "serialize": rounds[0]["server_ms"]["serialize"],
+        "planning_ms": [r["server_ms"]["planning"]["snapshot"] for r in rounds],
+    }
 
 
 def main() -> None:
@@ -145,57 +132,51 @@ def main() -> None:
     p.add_argument("--major", type=int, default=18)
     p.add_argument("--sizes", default="100,1000,5000")
     p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--watchdog-tree", type=Path, action="append", dest="trees",
+                   help="a checkout of pg-watchdog to measure (repeat to compare; default: this)")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    trees = [t.resolve() for t in a.trees or [REPO]]
     sizes = [int(s) for s in a.sizes.split(",")]
     raise_nofile(max(sizes) + 1024)
-    rows = []
-    about = profile_text = ""
+    rows: list[dict[str, Any]] = []
+    about = ""
+    profiles: dict[str, str] = {}
     for n in sizes:
         print(f"size {n}: starting PostgreSQL {a.major} with max_connections={n + 20}", flush=True)
-        r, about = run_size(a.major, n, a.runs, a.profile and n == max(sizes))
-        rows.append(
-            [
-                n,
-                r["rows"],
-                f"{r['bare']:.2f}",
-                f"{r['snapshot']:.2f}",
-                f"{r['decide']:.2f}",
-                f"{r['sweep']:.2f}",
-                f"{r['sweep'] / r['bare']:.2f}x",
-                f"{r['sweep_min'] / r['bare_min']:.2f}x",
-                f"{r['sessions_only']:.2f}",
-                f"{r['decide_only']:.2f}",
-            ]
-        )
-        if r["profile"]:
-            profile_text = r["profile"]
+        results, about = run_size(a.major, n, trees, a.runs, a.rounds,
+                                  a.profile and n == max(sizes))
+        for tree, rounds in results.items():
+            rows.append(summary(n, tree, rounds))
+            if rounds[-1].get("profile"):
+                profiles[tree] = rounds[-1]["profile"]
+    if a.json:
+        print(json.dumps({"machine": about, "rows": rows}, indent=1))
+        return
     print()
     print(about)
-    print(
-        f"median of {a.runs} runs each (ms), interleaved; sweep/bare also from the minimums "
-        "(less sensitive to a busy machine); target: sweep / bare <= 1.5x"
-    )
-    print(
-        table(
-            [
-                "sessions",
-                "rows",
-                "bare",
-                "snapshot",
-                "+decide",
-                "sweep",
-                "sweep/bare",
-                "(of mins)",
-                "rows->Session",
-                "decide()",
-            ],
-            rows,
-        )
-    )
-    if a.profile:
-        print("\ncProfile of 10 dry-run sweeps at the largest size (by own time):")
-        print(profile_text)
+    print(f"{a.rounds} rounds, each the median of {a.runs} runs per measurement; ratios: median "
+          "[min-max] over the rounds; targets: sweep/bare <= 1.2x, server <= 1.2x")
+    if rows and not rows[0]["serialize"]:
+        print("(before PostgreSQL 17 EXPLAIN cannot count the output's serialization)")
+    many = len(trees) > 1
+    print(table(
+        ["sessions", *(["checkout"] * many), "bare ms", "snapshot", "+decide", "sweep",
+         "sweep/bare", "server once", "server run", "server pgss", "rows->Session", "decide()",
+         "explain"],
+        [[r["sessions"], *([Path(r["tree"]).name] * many), spread(r["bare_ms"]),
+          spread(r["snapshot_ms"]), spread(r["decide_ms"]), spread(r["sweep_ms"]),
+          spread(r["sweep_over_bare"], "{:.2f}x"), spread(r["server_once"], "{:.2f}x"),
+          spread(r["server_run"], "{:.2f}x"),
+          spread(r["server_pgss"], "{:.2f}x") if r["server_pgss"] else "-",
+          spread(r["sessions_build_ms"]), spread(r["decide_only_ms"]),
+          spread(r["decide_explain_ms"])] for r in rows],
+    ))
+    for tree, text in profiles.items():
+        print(f"\ncProfile of 10 dry-run sweeps at the largest size, {tree} (by own time):")
+        print(text)
 
 
 if __name__ == "__main__":

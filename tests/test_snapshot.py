@@ -4,19 +4,78 @@ from __future__ import annotations
 
 from helpers import connect
 
-from watchdog import queries
-from watchdog.model import CLIENT_BACKEND, Session
+from watchdog import queries, snapshot
+from watchdog.model import CLIENT_BACKEND
 from watchdog.snapshot import take_snapshot
 from watchdog.tempcluster import TempCluster
 
 
-async def test_snapshot_columns_start_with_the_session_fields_in_order(pg: TempCluster) -> None:
-    # take_snapshot builds Sessions positionally: the query and the type must agree.
+async def test_snapshot_columns_are_where_snapshot_py_reads_them(pg: TempCluster) -> None:
+    # sessions_from_rows reads the rows positionally: the query and the code must agree.
     conn = await connect(pg)
     try:
-        row = (await conn.fetch(queries.SNAPSHOT, []))[0]
-        assert list(row.keys())[: len(Session._fields)] == list(Session._fields)
+        rows = await conn.fetch(queries.SNAPSHOT, [], snapshot.ALL_NAMES_UP_TO)
+        names = list(rows[0].keys())
+        assert names[:17] == [
+            "pid", "backend_type", "backend_start", "usesysid", "datid", "application_name",
+            "client_addr", "state", "state_change", "xact_start", "query_start", "query",
+            "leader_pid", "client_port", "blocked_by", "wait_start", "xmin_age",
+        ]
+        positions = {
+            "pid": snapshot.PID, "backend_type": snapshot.BACKEND_TYPE,
+            "usesysid": snapshot.USESYSID, "datid": snapshot.DATID, "query": snapshot.QUERY,
+            "blocked_by": snapshot.BLOCKED_BY, "name": snapshot.NAME,
+            "rolsuper": snapshot.ROLSUPER, "member_of": snapshot.MEMBER_OF,
+            "now": snapshot.NOW, "server": snapshot.SERVER,
+        }
+        assert names == [*names[:17], "name", "rolsuper", "member_of", "now", "server"]
+        assert {n: names.index(n) for n in positions} == positions
+        # One row of server values, then roles and databases, then backends.
+        kinds = [
+            "server" if r["pid"] is None and r["usesysid"] is None and r["datid"] is None
+            else "role" if r["usesysid"] is not None and r["pid"] is None
+            else "database" if r["pid"] is None
+            else "backend"
+            for r in rows
+        ]
+        assert kinds.count("server") == 1
+        assert kinds.count("role") == await conn.fetchval("SELECT count(*) FROM pg_roles")
+        assert kinds.count("database") == await conn.fetchval("SELECT count(*) FROM pg_database")
     finally:
+        await conn.close()
+
+
+async def test_snapshot_names_only_the_roles_in_use_on_a_server_with_many(
+    pg: TempCluster,
+) -> None:
+    # Past ALL_NAMES_UP_TO roles or databases, only those of the backends present are sent:
+    # the sessions come out the same, with far fewer rows.
+    pg.psql("DROP ROLE IF EXISTS snap_many; CREATE ROLE snap_many LOGIN IN ROLE pg_monitor")
+    conn = await connect(pg)
+    other = await connect(pg, "snap_many", application_name="snap-many")
+    try:
+        roles = ["pg_monitor", "pg_read_all_stats"]
+        rows_all = await conn.fetch(queries.SNAPSHOT, roles, 10_000)
+        rows_few = await conn.fetch(queries.SNAPSHOT, roles, 0)
+        in_use = {r["usesysid"] for r in rows_all if r["pid"] is not None} - {None, 0}
+        dbs_in_use = {r["datid"] for r in rows_all if r["pid"] is not None} - {None, 0}
+        named = {r["usesysid"] for r in rows_few if r["pid"] is None and r["usesysid"]}
+        dbs_named = {r["datid"] for r in rows_few if r["pid"] is None and r["datid"]}
+        assert named == in_use and dbs_named == dbs_in_use
+        assert len(rows_few) < len(rows_all)
+
+        def who(rows: list[object]) -> dict[int, tuple[object, ...]]:
+            return {
+                s.pid: (s.usename, s.rolsuper, s.datname, s.member_of, s.backend_type)
+                for s in snapshot.sessions_from_rows(rows)
+            }
+
+        assert who(rows_few) == who(rows_all)
+        assert who(rows_few)[other.get_server_pid()] == (
+            "snap_many", False, "postgres", ("pg_monitor", "pg_read_all_stats"), CLIENT_BACKEND
+        )
+    finally:
+        await other.close()
         await conn.close()
 
 

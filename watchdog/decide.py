@@ -1,242 +1,77 @@
 """The policy decision: a pure function from a snapshot and a config to actions.
 
-No I/O here. Everything that may spare a session is decided in this module,
-so the safety rules can be tested exhaustively without a server.
+No I/O here. Everything that may spare a session is decided by the rules of
+watchdog/rules.py, applied here, so the safety rules can be tested exhaustively
+without a server.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import re
-from collections.abc import Iterable
-from fnmatch import fnmatchcase
+import math
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from operator import attrgetter
+from typing import NamedTuple
 
 from watchdog.blockers import describe as describe_blocking
-from watchdog.config import Config, Exclusions, Policy
-from watchdog.model import (
-    APPLICATION_NAME,
-    CLIENT_BACKEND,
-    Action,
-    Blocking,
-    Decision,
-    PoolerLink,
-    Session,
-    Snapshot,
-    Verdict,
+from watchdog.config import Config, Policy
+from watchdog.model import Action, Decision, PoolerLink, Session, Snapshot, Verdict
+from watchdog.rules import (
+    NOT_LISTEN_START,
+    Key,
+    excluded_by,
+    is_listen,
+    key,
+    listens_matter,
+    never_touched,
+    not_harmful,
+    outside_filters,
+    pooled_key,
 )
-from watchdog.yamlfields import Network
 
-_LISTEN = re.compile(r"LISTEN\b", re.IGNORECASE)
+__all__ = ["decide", "excluded_by", "never_touched"]
 
-
-def _after_block_comment(query: str, i: int) -> int:
-    """Index just past the block comment opening at ``i`` (they nest), or -1 if unclosed."""
-    depth = 0
-    opening, closing = i, query.find("*/", i + 2)
-    while closing >= 0:
-        if 0 <= opening < closing:
-            depth, i = depth + 1, opening + 2
-        else:
-            depth, i = depth - 1, closing + 2
-            if depth == 0:
-                return i
-        # Each search starts where the last one stopped: linear in the query's length.
-        if 0 <= opening < i:
-            opening = query.find("/*", i)
-        if closing < i:
-            closing = query.find("*/", i)
-    return -1
-
-
-def _is_listen(query: str) -> bool:
-    """Whether ``query`` is a LISTEN statement, after any whitespace and SQL comments.
-
-    A scanner rather than one regex: the text comes from the watched sessions and may be
-    megabytes long, so this stays linear (no backtracking on hostile input).
-    """
-    i, n = 0, len(query)
-    while i < n:
-        if query[i].isspace():
-            i += 1
-        elif query.startswith("--", i):
-            i = query.find("\n", i)
-            if i < 0:
-                return False
-        elif query.startswith("/*", i):
-            i = _after_block_comment(query, i)
-            if i < 0:
-                return False
-        else:
-            break
-    return _LISTEN.match(query, i) is not None
-
-
-def _glob_any(value: str | None, patterns: Iterable[str]) -> bool:
-    return value is not None and any(fnmatchcase(value, p) for p in patterns)
-
-
-def _in_networks(addr: str | None, networks: tuple[Network, ...]) -> bool:
-    if addr is None or not networks:
-        return False
-    try:
-        ip = ipaddress.ip_address(addr.split("/")[0])
-    except ValueError:
-        return False
-    return any(ip.version == n.version and ip in n for n in networks)
-
-
-_Key = tuple[object, ...]
 _UNSEEN = "?"  # not a possible reason
-
-
-def _member_of(session: Session, roles: tuple[str, ...]) -> str | None:
-    """The first of ``roles`` the session's role is a member of (the snapshot lists them)."""
-    return next((r for r in roles if r in session.member_of), None)
-
-
-def _key(session: Session, link: PoolerLink | None) -> _Key:
-    """Everything an exclusion rule or a policy filter looks at: sessions of one application
-    (same role, database, address, pooler client and last statement) share one answer."""
-    return (
-        session.rolsuper,
-        session.usename,
-        session.application_name,
-        session.datname,
-        session.client_addr,
-        session.query,
-        session.member_of,
-        _pooled_key(link),
-    )
-
-
-# -- behind a pooler: the real client's address counts as much as the backend's own ------
-
-
-def _pooled_key(link: PoolerLink | None) -> object:
-    if link is None:
-        return None
-    real = None if link.client is None else link.client.addr
-    return (link.pooler, link.client is None, real, link.unknown)
-
-
-def _addrs_in(session: Session, link: PoolerLink | None, networks: tuple[Network, ...]) -> str:
-    """The first of the real client's and the backend's addresses in ``networks``, or ''."""
-    real = link.client.addr if link is not None and link.client is not None else None
-    for addr in (real, session.client_addr):
-        if _in_networks(addr, networks):
-            return addr or ""
-    return ""
-
-
-def _pooled_exclusion(ex: Exclusions, link: PoolerLink | None) -> str | None:
-    if link is not None and link.unknown is not None:
-        # Whatever ``ex`` says: exclusions by real client cannot be judged (fail closed).
-        return f"pooler {link.pooler} {link.unknown.value}: real client unknown"
-    if ex.pooled and link is not None and link.client is None:
-        # The pool doing its job; PgBouncer's server_idle_timeout retires these.
-        return f"pooled by {link.pooler} (no client)"
-    return None
-
-
-def excluded_by(session: Session, ex: Exclusions, link: PoolerLink | None = None) -> str | None:
-    """The exclusion rule that spares ``session`` (``link``: its pooler, if any), or None."""
-    if (pooled := _pooled_exclusion(ex, link)) is not None:
-        return pooled
-    if ex.superusers and session.rolsuper is not False:
-        # Unknown role (NULL rolsuper) is treated as superuser: never guess in favour of killing.
-        return "superuser"
-    if _glob_any(session.usename, ex.users):
-        return f"excluded user {session.usename!r}"
-    if (role := _member_of(session, ex.member_of)) is not None:
-        return f"member of {role}"
-    if _glob_any(session.application_name, ex.applications):
-        return f"excluded application {session.application_name!r}"
-    if _glob_any(session.datname, ex.databases):
-        return f"excluded database {session.datname!r}"
-    if addr := _addrs_in(session, link, ex.client_addrs):
-        return f"excluded client address {addr}"
-    if ex.listeners and session.query is not None and _is_listen(session.query):
-        return "listener (last statement was LISTEN)"
-    return None
-
-
-def never_touched(session: Session, snapshot: Snapshot) -> str | None:
-    """Rules no configuration can override."""
-    if session.backend_type != CLIENT_BACKEND:
-        return f"not a client backend ({session.backend_type})"
-    if session.pid == snapshot.own_pid:
-        return "the watchdog's own connection"
-    if session.leader_pid is not None:
-        return "parallel worker"
-    if (
-        session.application_name == APPLICATION_NAME
-        and session.usename is not None
-        and session.usename == snapshot.own_role
-    ):
-        # Any client may call itself pg-watchdog; only the watchdog's own role makes it one.
-        return "another pg-watchdog instance (same role)"
-    if session.backend_start is None or session.state is None:
-        return "details not visible (grant pg_monitor to the watchdog role)"
-    return None
-
-
-def _outside_filters(session: Session, policy: Policy, link: PoolerLink | None) -> str | None:
-    if policy.users and not _glob_any(session.usename, policy.users):
-        return "user not in the policy's users"
-    if policy.applications and not _glob_any(session.application_name, policy.applications):
-        return "application not in the policy's applications"
-    if policy.databases and not _glob_any(session.datname, policy.databases):
-        return "database not in the policy's databases"
-    if policy.client_addrs and not _addrs_in(session, link, policy.client_addrs):
-        return "client address not in the policy's client_addrs"
-    if policy.member_of and _member_of(session, policy.member_of) is None:
-        return "role not a member of the policy's member_of"
-    return excluded_by(session, policy.exclude, link)
-
-
-def _not_harmful(policy: Policy, blocking: Blocking | None) -> tuple[str, float] | None:
-    """Why a ``blocking`` policy passes over a session, and in how many seconds it may not."""
-    if blocking is None:
-        return "blocks nobody", 0.0
-    wanted = policy.blocking_longer_than
-    if wanted is not None and blocking.longest_wait_s < wanted:
-        why = f"{describe_blocking(blocking)}, acts past {wanted:g}s of waiting"
-        return why, wanted - blocking.longest_wait_s
-    return None
 
 
 def decide(
     snapshot: Snapshot, config: Config, target: str, dry_run: bool = False, explain: bool = True
 ) -> Decision:
-    """The actions one sweep of ``target`` takes, oldest first, within limits.max_per_sweep."""
+    """The actions one sweep of ``target`` takes, oldest first, within limits.max_per_sweep.
+
+    ``explain``: also a verdict per session, saying why (`status --explain`); without, the
+    same actions by a shorter path, for sweeps.
+    """
     policies = [p for p in config.policies if p.targets is None or target in p.targets]
+    if not explain:
+        return _decide_for_sweep(snapshot, config, target, dry_run, policies)
     saturation = snapshot.saturation
     actions: list[Action] = []
     verdicts: list[Verdict] = []
     next_due: float | None = None
-    spared: dict[_Key, str | None] = {}
-    outside_of: list[dict[_Key, str | None]] = [{} for _ in policies]
+    spared: dict[Key, str | None] = {}
+    outside_of: list[dict[Key, str | None]] = [{} for _ in policies]
     pooled = snapshot.pooled
+    listens = listens_matter(config, policies)
     for s in snapshot.sessions:
         reason = never_touched(s, snapshot)
         if reason is None:
             link = pooled.get(s.pid) if pooled else None
-            key = _key(s, link)
-            reason = spared.get(key, _UNSEEN)
+            k = key(s, link, listens)
+            reason = spared.get(k, _UNSEEN)
             if reason is _UNSEEN:
-                reason = spared[key] = excluded_by(s, config.exclude, link)
+                reason = spared[k] = excluded_by(s, config.exclude, link)
         if reason is not None:
-            if explain:
-                verdicts.append(Verdict(s, None, reason, acting=False))
+            verdicts.append(Verdict(s, None, reason, acting=False))
             continue
         verdict: Verdict | None = None
         why_not: list[str] = []
         for p, known in zip(policies, outside_of, strict=True):
             if s.state not in p.states:
                 continue
-            outside = known.get(key, _UNSEEN)
+            outside = known.get(k, _UNSEEN)
             if outside is _UNSEEN:
-                outside = known[key] = _outside_filters(s, p, link)
+                outside = known[k] = outside_filters(s, p, link)
             if outside is not None:
                 why_not.append(f"{p.name}: {outside}")
                 continue
@@ -252,7 +87,7 @@ def decide(
                 continue
             if p.blocking:
                 # Computed once per snapshot, on first use: nothing while nobody waits.
-                harmless = _not_harmful(p, snapshot.blocking.get(s.pid))
+                harmless = not_harmful(p, snapshot.blocking.get(s.pid))
                 if harmless is not None:
                     why_not.append(f"{p.name}: {harmless[0]}")
                     if harmless[1] > 0:
@@ -265,36 +100,180 @@ def decide(
                 # stricter generic one after it.
                 due = p.longer_than - age
                 next_due = due if next_due is None else min(next_due, due)
-                if explain:
-                    reason = "; ".join([*why_not, f"{p.name}: not yet due"])
-                    verdict = Verdict(s, p.name, reason, False, due)
+                reason = "; ".join([*why_not, f"{p.name}: not yet due"])
+                verdict = Verdict(s, p.name, reason, False, due)
                 break
-            actions.append(
-                Action(
-                    target,
-                    p.name,
-                    p.action,
-                    dry_run or config.dry_run or p.dry_run,
-                    s,
-                    p.measured_from,
-                    age,
-                    snapshot.blocking.get(s.pid),
-                    link,
-                )
-            )
-            if explain:
-                why = f"{p.name}: {s.state} past {p.longer_than:g}s"
-                if p.blocking:
-                    why += f", {describe_blocking(snapshot.blocking.get(s.pid))}"
-                verdict = Verdict(s, p.name, why, True, 0.0)
+            actions.append(_action(snapshot, config, target, dry_run, p, s, age, link))
+            why = f"{p.name}: {s.state} past {p.longer_than:g}s"
+            if p.blocking:
+                why += f", {describe_blocking(snapshot.blocking.get(s.pid))}"
+            verdict = Verdict(s, p.name, why, True, 0.0)
             break
-        if not explain:
-            continue
         if verdict is None:
             verdict = Verdict(
                 s, None, "; ".join(why_not) or f"no policy for state {s.state!r}", False
             )
         verdicts.append(verdict)
+    return _decision(config, actions, tuple(verdicts), next_due)
+
+
+def _action(
+    snapshot: Snapshot,
+    config: Config,
+    target: str,
+    dry_run: bool,
+    p: Policy,
+    s: Session,
+    age: float,
+    link: PoolerLink | None,
+) -> Action:
+    dry = dry_run or config.dry_run or p.dry_run
+    blocking = snapshot.blocking.get(s.pid)
+    return Action(target, p.name, p.action, dry, s, p.measured_from, age, blocking, link)
+
+
+def _decision(
+    config: Config, actions: list[Action], verdicts: tuple[Verdict, ...], next_due: float | None
+) -> Decision:
     actions.sort(key=lambda a: (-a.age_s, a.session.pid))
     limit = config.limits.max_per_sweep
-    return Decision(tuple(actions[:limit]), tuple(verdicts), max(len(actions) - limit, 0), next_due)
+    return Decision(tuple(actions[:limit]), verdicts, max(len(actions) - limit, 0), next_due)
+
+
+# -- the sweep's path: the same actions, no verdicts ----------------------------------------
+
+
+class _Claim(NamedTuple):
+    """A policy that may claim the sessions of one (key, state) group, in the config's order."""
+
+    position: int  # the policy's among those of the target
+    policy: Policy
+    since: Callable[[Session], datetime | None]  # the timestamp its age is measured from
+    # Entered the state at or after this: not yet due. None: the age is computed and judged
+    # per session (a `blocking` policy, or a threshold with no edge).
+    edge: datetime | None
+
+
+_ONE_US = timedelta(microseconds=1)
+# Session's fields from usename to state: role, superuser, database, application, address and
+# state, as one slice (tests/test_decide_sweep_path.py pins what it holds).
+_WHO = slice(Session._fields.index("usename"), Session._fields.index("state") + 1)
+_FAR = 1e9  # seconds: 31 years
+
+
+def _edge(now: datetime, longer_than: float) -> datetime | None:
+    """The instant such that ``(now - since).total_seconds() <= longer_than`` exactly when
+    ``since >= edge``, or None when there is none to compute (then the age is computed).
+
+    total_seconds() divides whole microseconds by 10**6, correctly rounded, which is monotonic:
+    the edge is ``now`` minus the largest count of microseconds that still rounds to at most
+    ``longer_than``. Within a billion seconds a float tells microseconds apart, so the loops
+    below step once or twice; beyond (and for inf or nan) there is no edge.
+    """
+    if not -_FAR <= longer_than <= _FAR:
+        return None
+    us = math.floor(longer_than * 1e6)
+    while (us + 1) / 10**6 <= longer_than:
+        us += 1
+    while us / 10**6 > longer_than:
+        us -= 1
+    try:
+        return now - us * _ONE_US
+    except OverflowError:
+        return None
+
+
+def _claims(
+    s: Session, link: PoolerLink | None, live: list[_Claim | None]
+) -> tuple[_Claim, ...]:
+    """The policies that may claim ``s`` (state, filters, exclusions), in order."""
+    return tuple(
+        c for c in live
+        if c is not None and s.state in c.policy.states
+        and outside_filters(s, c.policy, link) is None
+    )
+
+
+def _decide_for_sweep(
+    snapshot: Snapshot, config: Config, target: str, dry_run: bool, policies: list[Policy]
+) -> Decision:
+    """decide() without verdicts. Alike sessions share which policies may claim them, so per
+    session only its timestamp is compared with each policy's edge; the soonest due is
+    computed once per policy, from its oldest pending session."""
+    now, saturation = snapshot.now, snapshot.saturation
+    # None: the policy's `when` is not met this sweep, so it claims nothing.
+    live: list[_Claim | None] = [
+        None
+        if p.connections_above is not None and saturation <= p.connections_above
+        else _Claim(
+            i, p, attrgetter(p.measured_from), None if p.blocking else _edge(now, p.longer_than)
+        )
+        for i, p in enumerate(policies)
+    ]
+    oldest: list[datetime | None] = [None for _ in policies]  # pending, per policy
+    actions: list[Action] = []
+    next_due: float | None = None
+    # Sessions that never_touched(), excluded_by() and every policy's state, filters and
+    # exclusions cannot tell apart share one answer: the key holds all these rules look at
+    # (rules.key's fields, the state, and never_touched's), nothing that is the session's own
+    # (pid, timestamps, query text), so an application's thousand sessions are one group.
+    groups: dict[tuple[object, ...], tuple[_Claim, ...]] = {}
+    pooled = snapshot.pooled
+    own_pid = snapshot.own_pid
+    listens = listens_matter(config, policies)
+    exclude = config.exclude
+    for s in snapshot.sessions:
+        link = pooled.get(s.pid) if pooled else None
+        q = s.query
+        k = (
+            s[_WHO],
+            s.backend_type,
+            s.pid == own_pid,
+            s.backend_start is None,
+            s.leader_pid is None,
+            s.member_of,
+            listens and q is not None and q[:1] not in NOT_LISTEN_START and is_listen(q),
+            None if link is None else pooled_key(link),
+        )
+        claims = groups.get(k)
+        if claims is None:
+            spared = (
+                never_touched(s, snapshot) is not None
+                or excluded_by(s, exclude, link) is not None
+            )
+            claims = groups[k] = () if spared else _claims(s, link, live)
+        for c in claims:
+            since = c.since(s)
+            if since is None:
+                continue
+            edge = c.edge
+            if edge is not None:
+                if since >= edge:
+                    # Claimed, not yet due: only the oldest such session sets when it is.
+                    first = oldest[c.position]
+                    if first is None or since < first:
+                        oldest[c.position] = since
+                    break
+                age = (now - since).total_seconds()
+            else:
+                # Rare: the age and the harm are judged per session, as decide() does.
+                p = c.policy
+                age = (now - since).total_seconds()
+                if p.blocking:
+                    harmless = not_harmful(p, snapshot.blocking.get(s.pid))
+                    if harmless is not None:
+                        if harmless[1] > 0:
+                            due = max(harmless[1], p.longer_than - age)
+                            next_due = due if next_due is None else min(next_due, due)
+                        continue
+                if age <= p.longer_than:
+                    due = p.longer_than - age
+                    next_due = due if next_due is None else min(next_due, due)
+                    break
+            actions.append(_action(snapshot, config, target, dry_run, c.policy, s, age, link))
+            break
+    for p, first in zip(policies, oldest, strict=True):
+        if first is not None:
+            due = p.longer_than - (now - first).total_seconds()
+            next_due = due if next_due is None else min(next_due, due)
+    return _decision(config, actions, (), next_due)

@@ -35,8 +35,10 @@ class DryRunMemory:
 
         `sessions`: every session of the target's latest snapshot (the others are forgotten).
         """
-        present = {(s.pid, s.backend_start) for s in sessions}
-        seen = {k for k in self._seen.get(target, ()) if (k[1], k[2]) in present}
+        seen = self._seen.get(target, set())
+        if seen:  # most sweeps remember nothing: no pass over every session for them
+            present = {(s.pid, s.backend_start) for s in sessions}
+            seen = {k for k in seen if (k[1], k[2]) in present}
         new = [o for o in outcomes if _key(o) not in seen]
         seen.update(_key(o) for o in new)
         self._seen[target] = seen

@@ -5,21 +5,30 @@ is ever formatted into SQL text.
 """
 
 # One statement per sweep: the sessions, the server's clock and its slot limits.
-# now() is the statement's start, the same instant pg_stat_activity is read. The server's
-# values come once, in a row of their own whose pid is NULL; each session's row leaves them
-# NULL, so a look at 5,000 sessions does not send and decode them 5,000 times.
-# pg_stat_get_activity(NULL) is what the pg_stat_activity view reads; joining pg_roles once
-# gives both the role's name and rolsuper (the view would join the roles a second time).
+# now() is the statement's start, the same instant pg_stat_activity is read. The rows are of
+# three kinds, told apart by which columns are NULL: one row of the server's values (pid,
+# usesysid and datid NULL; now, and the rest in one array), one row per role and per
+# database (pid NULL; usesysid or datid set, with its name, rolsuper and member_of), then
+# one row per backend (pid set). A name is sent and decoded once per role or database, not
+# once per session, and no session row is joined to anything: the statement costs the
+# server less than `SELECT * FROM pg_stat_activity`, which joins every row to pg_database
+# and pg_authid. pg_stat_get_activity(NULL) is what that view reads. A backend row's
+# backend_type is NULL for a client backend (most rows: the client decodes no text for it).
+#
+# Roles and databases come in full while there are at most $2 of them (the usual server);
+# beyond, only those of the backends present (read from the same per-transaction copy of the
+# backends' status that pg_stat_get_activity reads), so a server with ten thousand roles
+# does not send them all every sweep. The OR evaluates the second test only when needed.
 #
 # Text the server does not convert comes as bytes (textsend): pg_stat_activity.query of a
 # session in another database is that database's encoding, and role and database names are
 # in whatever encoding created them. Decoding them as UTF-8 would fail the whole look on
 # one LATIN1 or SQL_ASCII byte, so snapshot.py decodes them itself, losslessly.
 #
-# $1 lists the roles that member_of rules name: each session carries those its role is a
-# member of (directly or through other roles; a role is a member of itself), computed once
-# per role, not per session, by walking pg_auth_members down from the listed roles: not
-# pg_has_role(), which counts a superuser as a member of every role.
+# $1 lists the roles that member_of rules name: each role row carries those it is a member
+# of (directly or through other roles; a role is a member of itself), by walking
+# pg_auth_members down from the listed roles: not pg_has_role(), which counts a superuser
+# as a member of every role.
 # Lock waits are read only for sessions waiting on a lock (the MATERIALIZED CTE is scanned
 # on first use only), so the statement costs nothing more while nobody waits.
 SNAPSHOT = """
@@ -27,40 +36,50 @@ WITH RECURSIVE members(oid, rolname) AS (
     SELECT oid, rolname::text FROM pg_roles WHERE rolname = ANY($1::text[])
     UNION
     SELECT a.member, m.rolname FROM members m JOIN pg_auth_members a ON a.roleid = m.oid
-), membership AS (
-    SELECT oid, array_agg(rolname ORDER BY rolname) AS member_of FROM members GROUP BY oid
+), present AS (
+    SELECT pg_stat_get_backend_userid(i) AS usesysid, pg_stat_get_backend_dbid(i) AS datid
+    FROM pg_stat_get_backend_idset() i
 ), waits AS MATERIALIZED (
     SELECT pid, min(waitstart) AS wait_start FROM pg_locks WHERE NOT granted GROUP BY pid
 )
 SELECT NULL::int AS pid, NULL AS backend_type, NULL::timestamptz AS backend_start,
-       NULL::bytea AS usename, NULL::bool AS rolsuper, NULL::bytea AS datname,
-       NULL AS application_name, NULL AS client_addr, NULL AS state,
-       NULL::timestamptz AS state_change, NULL::timestamptz AS xact_start,
-       NULL::timestamptz AS query_start, NULL::bytea AS query, NULL::int AS leader_pid,
-       NULL::int AS client_port, NULL::text[] AS member_of, NULL::int[] AS blocked_by,
-       NULL::timestamptz AS wait_start, NULL::int AS xmin_age,
-       now() AS now, pg_backend_pid() AS own_pid,
-       current_setting('server_version_num')::int AS version_num,
-       current_setting('max_connections')::int AS max_connections,
-       current_setting('superuser_reserved_connections')::int AS su_reserved,
-       coalesce(current_setting('reserved_connections', true), '0')::int AS reserved,
-       pg_is_in_recovery() AS in_recovery
+       NULL::oid AS usesysid, NULL::oid AS datid, NULL AS application_name,
+       NULL AS client_addr, NULL AS state, NULL::timestamptz AS state_change,
+       NULL::timestamptz AS xact_start, NULL::timestamptz AS query_start,
+       NULL::bytea AS query, NULL::int AS leader_pid, NULL::int AS client_port,
+       NULL::int[] AS blocked_by, NULL::timestamptz AS wait_start, NULL::int AS xmin_age,
+       NULL::bytea AS name, NULL::bool AS rolsuper, NULL::text[] AS member_of,
+       now() AS now,
+       ARRAY[pg_backend_pid(), current_setting('server_version_num')::int,
+             current_setting('max_connections')::int,
+             current_setting('superuser_reserved_connections')::int,
+             coalesce(current_setting('reserved_connections', true), '0')::int,
+             pg_is_in_recovery()::int] AS server
 UNION ALL
-SELECT s.pid, coalesce(s.backend_type, ''), s.backend_start,
-       textsend(r.rolname::text), r.rolsuper, textsend(d.datname::text),
+SELECT NULL, NULL, NULL, r.oid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL, NULL, NULL, textsend(r.rolname::text), r.rolsuper,
+       ARRAY(SELECT m.rolname FROM members m WHERE m.oid = r.oid ORDER BY m.rolname),
+       NULL, NULL
+FROM pg_roles r
+WHERE (SELECT count(*) FROM pg_roles) <= $2 OR r.oid IN (SELECT usesysid FROM present)
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, d.oid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL, NULL, NULL, textsend(d.datname::text), NULL, NULL,
+       NULL, NULL
+FROM pg_database d
+WHERE (SELECT count(*) FROM pg_database) <= $2 OR d.oid IN (SELECT datid FROM present)
+UNION ALL
+SELECT s.pid, CASE WHEN s.backend_type <> 'client backend' THEN coalesce(s.backend_type, '') END,
+       s.backend_start, s.usesysid, s.datid,
        coalesce(s.application_name, ''), host(s.client_addr), s.state, s.state_change,
-       s.xact_start, s.query_start, textsend(s.query), s.leader_pid,
-       s.client_port, m.member_of,
+       s.xact_start, s.query_start, textsend(s.query), s.leader_pid, s.client_port,
        CASE WHEN s.wait_event_type = 'Lock' THEN pg_blocking_pids(s.pid) END,
        CASE WHEN s.wait_event_type = 'Lock'
             THEN (SELECT w.wait_start FROM waits w WHERE w.pid = s.pid)
        END,
        age(s.backend_xmin),
-       NULL, NULL, NULL, NULL, NULL, NULL, NULL
+       NULL, NULL, NULL, NULL, NULL
 FROM pg_stat_get_activity(NULL) s
-LEFT JOIN pg_database d ON d.oid = s.datid
-LEFT JOIN pg_roles r ON r.oid = s.usesysid
-LEFT JOIN membership m ON m.oid = s.usesysid
 """
 
 # The race-safe action, for a whole batch in one statement. Each backend is
