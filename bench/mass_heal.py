@@ -1,56 +1,84 @@
-"""Mass healing: 900 idle sessions past their threshold, one sweep. How long from the sweep's
-start until the last audit record is fsynced, and how many statements it sent.
+"""Mass healing: 900 idle sessions past their threshold, one sweep, against the seed's own kill
+SQL run by psql on the same sessions, in the same run.
 
-A child process holds the victims. The sweep is the real ``watchdog.sweep.sweep_target`` on
-the watchdog's own connection (role ``watchdog``, least privilege), with its audit log on
-disk (not tmpfs) so every fsync is real. The server logs every statement of role
-``watchdog`` with its duration (``ALTER ROLE watchdog SET log_statement = 'all'``), which is
-where the statement count and the ACT statement's server time come from. The reference row
-is the floor: one bare ``pg_terminate_backend`` statement for all victims, then polling until
-the last backend is gone (no audit, no race check).
+A child process holds the victims. Each round, on one server, in turns (the order rotates
+between rounds):
 
-    .venv/bin/python bench/mass_heal.py [--major 18] [--victims 900] [--repeat 3]
+  sweep    the real ``watchdog.sweep.sweep_target`` of each checkout given by
+           --watchdog-tree (default: this one), run by bench/heal_probe.py on the watchdog's
+           own connection (role ``watchdog``, least privilege), warmed as a service's is, with
+           the seed's rules (thresholds 1 s) and its audit log on disk (not tmpfs) so every
+           fsync is real. Timed from the sweep's start until the last audit record is
+           fsynced, every victim confirmed gone.
+  psql     what a DBA without pg-watchdog would run from cron: the cluster's own psql, a fresh
+           process, role ``watchdog``, one statement with the seed's rules in SQL (idle past
+           the threshold, not superusers, not the excluded applications, client backends
+           only). Timed from psql's start until the last victim is gone from
+           pg_stat_activity (polled every millisecond once psql has exited).
+
+The server logs every statement of role ``watchdog`` with its duration, which is where the
+statement counts and the ACT statement's server time come from. The ratio is each sweep's
+total over the psql figure of the same round; the summary gives its median and [min-max].
+
+    .venv/bin/python bench/mass_heal.py [--major 18] [--victims 900] [--rounds 5]
+        [--watchdog-tree DIR ...] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import re
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-from benchlib import Holder, log_entries, machine, median, raise_nofile, setup_roles, table
+from benchlib import REPO, Holder, log_entries, machine, raise_nofile, setup_roles, table
 
 from watchdog import queries
-from watchdog.audit import AuditLog
-from watchdog.config import load_config
-from watchdog.connect import connect, server_address
-from watchdog.sweep import sweep_target
 from watchdog.tempcluster import TempCluster, start_cluster
 
 THRESHOLD = 1.0
 APP = "bench-victim"
 AUDIT_DIR = Path("/var/tmp")  # on disk: fsync must cost what it costs in production
+PROBE = Path(__file__).resolve().with_name("heal_probe.py")
 
+# The seed's rules (policies/default.yaml), thresholds scaled down to THRESHOLD.
+POLICY = """
+targets: [{{name: bench, dsn: "{dsn}"}}]
+exclude:
+  superusers: true
+  applications: ["pg_dump*", "pg_basebackup", "psql"]
+  listeners: true
+  member_of: [rds_superuser, azure_pg_admin, cloudsqlsuperuser]
+policies:
+  - {{name: idle, state: idle, longer_than: {threshold}s}}
+  - name: idle-in-transaction
+    state: [idle in transaction, idle in transaction (aborted)]
+    longer_than: {threshold}s
+limits: {{max_per_sweep: {victims}}}
+audit: {{path: "{audit}"}}
+"""
 
-class TimedAudit(AuditLog):
-    """The real audit log, noting when the intents and the final records reached the disk."""
-
-    marks: dict[str, float]
-
-    def write_intents(self, records: list[dict[str, Any]]) -> None:
-        self.marks["intents_start"] = time.perf_counter()
-        super().write_intents(records)
-        self.marks["intents_done"] = time.perf_counter()
-
-    def append(self, records: list[dict[str, Any]]) -> None:
-        self.marks["append_start"] = time.perf_counter()
-        super().append(records)
-        self.marks["append_done"] = time.perf_counter()
+# The same rules as one statement, as a DBA would write them for cron.
+SEED_KILL_SQL = """
+SELECT count(pg_terminate_backend(a.pid))
+FROM pg_stat_activity a
+JOIN pg_roles r ON r.oid = a.usesysid
+WHERE a.backend_type = 'client backend'
+  AND a.pid <> pg_backend_pid()
+  AND NOT r.rolsuper
+  AND a.application_name NOT LIKE 'pg\\_dump%'
+  AND a.application_name NOT IN ('pg_basebackup', 'psql')
+  AND a.state IN ('idle', 'idle in transaction', 'idle in transaction (aborted)')
+  AND a.state_change < now() - interval '1 second'
+"""  # THRESHOLD
 
 
 def _kind(entry: str) -> str:
@@ -77,92 +105,87 @@ def statements(pg: TempCluster, offset: int) -> tuple[dict[str, int], dict[str, 
     return counts, durations
 
 
-async def one_sweep(pg: TempCluster, tmp: Path, victims: int) -> dict[str, Any]:
-    path = tmp / "policies.yaml"
-    path.write_text(
-        f"""
-targets: [{{name: bench, dsn: "{pg.dsn("watchdog")}"}}]
-policies: [{{name: idle, state: idle, longer_than: {THRESHOLD:g}s}}]
-limits: {{max_per_sweep: {victims}}}
-audit: {{path: "{tmp / "audit.jsonl"}"}}
-"""
-    )
-    config = load_config(str(path))
-    audit = TimedAudit(config.audit.path)
-    audit.marks = {}
-    conn = await connect(config.targets[0])
+async def count_left(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
     try:
-        server = await server_address(conn)
-        # A held connection has long since made asyncpg introspect the int[] and timestamptz[]
-        # types (two statements, once per connection): warm this one the same way.
-        await conn.fetch(queries.STILL_THERE, [], [])
+        return int(await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", APP
+        ))
+    finally:
+        await conn.close()
+
+
+def one_sweep(pg: TempCluster, tree: Path, victims: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="pgwd-bench-audit-", dir=AUDIT_DIR) as audit_dir:
+        path = Path(audit_dir) / "policies.yaml"
+        path.write_text(POLICY.format(dsn=pg.dsn("watchdog"), threshold=f"{THRESHOLD:g}",
+                                      victims=victims, audit=Path(audit_dir) / "audit.jsonl"))
+        child = subprocess.Popen([sys.executable, str(PROBE), str(tree), str(path)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert child.stdin is not None and child.stdout is not None
+        try:
+            if child.stdout.readline().strip() != "ready":
+                raise SystemExit(f"heal_probe.py failed for {tree}")
+            time.sleep(THRESHOLD + 0.2)
+            offset = pg.log_path.stat().st_size
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            result: dict[str, Any] = json.loads(child.stdout.readline())
+        finally:
+            child.stdin.close()
+            child.wait(60)
+    result["left"] = asyncio.run(count_left(pg.dsn()))
+    time.sleep(0.3)  # let the server write its last log lines
+    result["counts"], durations = statements(pg, offset)
+    result["act_server"] = durations.get("ACT", 0.0)
+    return result
+
+
+async def psql_reference(pg: TempCluster) -> dict[str, Any]:
+    """The seed's kill SQL by a fresh psql, until the last victim is gone."""
+    admin = await asyncpg.connect(pg.dsn())
+    try:
         await asyncio.sleep(THRESHOLD + 0.2)
-        offset = pg.log_path.stat().st_size
+        cmd = [str(pg.bindir / "psql"), "-XAtq", "-h", pg.host, "-p", str(pg.port),
+               "-U", "watchdog", "-d", "postgres", "-c", SEED_KILL_SQL]
         start = time.perf_counter()
-        report = await sweep_target(conn, server, config, config.targets[0], audit)
-        end = time.perf_counter()
-    finally:
-        await conn.close()
-    left = await count_left(pg)
-    await asyncio.sleep(0.3)  # let the server write its last log lines
-    counts, durations = statements(pg, offset)
-    m = audit.marks
-    outcomes = [o.outcome for o in report.outcomes]
-    records = len(config.audit.path.read_text().splitlines())
-    return {
-        "victims": victims,
-        "terminated": outcomes.count("terminated"),
-        "records": records,
-        "left": left,
-        "decide": (m["intents_start"] - start) * 1000,
-        "intents": (m["intents_done"] - m["intents_start"]) * 1000,
-        "act_confirm": (m["append_start"] - m["intents_done"]) * 1000,
-        "act_server": durations.get("ACT", 0.0),
-        "final": (m["append_done"] - m["append_start"]) * 1000,
-        "total": (end - start) * 1000,
-        "counts": counts,
-    }
-
-
-async def count_left(pg: TempCluster) -> int:
-    conn = await asyncpg.connect(pg.dsn())
-    try:
-        return int(
-            await conn.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", APP
-            )
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
         )
-    finally:
-        await conn.close()
-
-
-async def floor(pg: TempCluster) -> float:
-    conn = await asyncpg.connect(pg.dsn())
-    try:
-        start = time.perf_counter()
-        await conn.fetchval(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE application_name = $1",
-            APP,
-        )
-        while await conn.fetchval(  # noqa: ASYNC110 - polling the server is the point
+        out, err = await proc.communicate()
+        psql_done = time.perf_counter()
+        if proc.returncode != 0:
+            raise SystemExit(f"psql failed: {err.decode(errors='replace').strip()}")
+        while await admin.fetchval(  # noqa: ASYNC110 - polling the server is the point
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", APP
         ):
-            await asyncio.sleep(0.005)
-        return (time.perf_counter() - start) * 1000
+            await asyncio.sleep(0.001)
+        end = time.perf_counter()
+        return {"terminated": int(out), "psql": (psql_done - start) * 1000,
+                "total": (end - start) * 1000}
     finally:
-        await conn.close()
+        await admin.close()
+
+
+def spread(values: list[float], fmt: str = "{:.0f}") -> str:
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return (f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}-"
+            f"{fmt.format(max(values))}]")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--major", type=int, default=18)
     p.add_argument("--victims", type=int, default=900)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--watchdog-tree", type=Path, action="append", dest="trees",
+                   help="a checkout of pg-watchdog to measure (repeat to compare; default: this)")
+    p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    trees = [t.resolve() for t in a.trees or [REPO]]
     raise_nofile(a.victims + 1024)
-    rows: list[list[object]] = []
-    totals: list[float] = []
+    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="pgwd-bench-") as t:
         base = Path(t)
         base.chmod(0o711)
@@ -179,89 +202,57 @@ def main() -> None:
                 "ALTER ROLE watchdog SET log_min_duration_statement = 0;",
             )
             about = machine(pg)
-            for i in range(a.repeat):
-                with (
-                    Holder(pg.dsn("app"), a.victims, APP),
-                    tempfile.TemporaryDirectory(
-                        prefix="pgwd-bench-audit-", dir=AUDIT_DIR
-                    ) as audit_dir,
-                ):
-                    r = asyncio.run(one_sweep(pg, Path(audit_dir), a.victims))
-                totals.append(r["total"])
-                c = r["counts"]
-                others = sum(c.values()) - sum(
-                    c.get(k, 0) for k in ("SNAPSHOT", "ACT", "STILL_THERE")
-                )
-                rows.append(
-                    [
-                        f"sweep {i + 1}",
-                        r["victims"],
-                        r["terminated"],
-                        r["records"],
-                        r["left"],
-                        f"{r['decide']:.0f}",
-                        f"{r['intents']:.0f}",
-                        f"{r['act_confirm']:.0f}",
-                        f"{r['act_server']:.0f}",
-                        f"{r['final']:.0f}",
-                        f"{r['total']:.0f}",
-                        "/".join(
-                            str(n)
-                            for n in (
-                                c.get("SNAPSHOT", 0),
-                                c.get("ACT", 0),
-                                c.get("STILL_THERE", 0),
-                                others,
-                            )
-                        ),
-                    ]
-                )
-            with Holder(pg.dsn("app"), a.victims, APP):
-                ref = asyncio.run(floor(pg))
-            rows.append(
-                [
-                    "bare SQL floor",
-                    a.victims,
-                    a.victims,
-                    "-",
-                    0,
-                    "-",
-                    "-",
-                    "-",
-                    "-",
-                    "-",
-                    f"{ref:.0f}",
-                    "1 statement + polling",
-                ]
-            )
+            ways: list[Path | None] = [*trees, None]  # None: psql
+            for r in range(a.rounds):
+                turn = ways[r % len(ways):] + ways[: r % len(ways)]
+                for way in turn:
+                    with Holder(pg.dsn("app"), a.victims, APP):
+                        if way is None:
+                            res = asyncio.run(psql_reference(pg))
+                        else:
+                            res = one_sweep(pg, way, a.victims)
+                    runs.append({"round": r + 1, "way": "psql" if way is None else str(way),
+                                 **res})
+                print(f"round {r + 1}/{a.rounds} done", flush=True)
         finally:
             pg.cleanup()
+    psql = {x["round"]: x["total"] for x in runs if x["way"] == "psql"}
+    for x in runs:
+        x["ratio"] = x["total"] / psql[x["round"]]
+    if a.json:
+        print(json.dumps({"machine": about, "runs": runs}, indent=1))
+        return
     print()
     print(about)
-    print(
-        f"{a.victims} idle sessions past a {THRESHOLD:g}s threshold, one sweep each time; "
-        "times in ms; target: total < 1000 ms"
-    )
-    print(
-        table(
-            [
-                "run",
-                "victims",
-                "terminated",
-                "audited",
-                "left",
-                "look+decide",
-                "intent fsync",
-                "ACT+confirm",
-                "(ACT on server)",
-                "final fsync",
-                "total",
-                "statements S/A/C/other",
-            ],
-            rows,
-        )
-    )
-    print(f"median total: {median(totals):.0f} ms (sweep start -> last audit record fsynced)")
+    print(f"{a.victims} idle sessions past a {THRESHOLD:g}s threshold; times in ms, median "
+          f"[min-max] over {a.rounds} rounds; ratio: total / psql's total in the same round "
+          "(target <= 1.0x)")
+    rows = []
+    for way in [str(t) for t in trees] + ["psql"]:
+        mine = [x for x in runs if x["way"] == way]
+
+        def col(key: str, rs: list[dict[str, Any]] = mine) -> str:
+            return spread([x[key] for x in rs]) if all(key in x for x in rs) else "-"
+
+        name = "psql (seed SQL)" if way == "psql" else f"sweep {Path(way).name}"
+        counts = "-"
+        if way != "psql":
+            c = mine[-1]["counts"]
+            kinds = ("SNAPSHOT", "ACT", "STILL_THERE")
+            counts = "/".join(str(c.get(k, 0)) for k in kinds)
+            counts += f"/{sum(c.values()) - sum(c.get(k, 0) for k in kinds)}"
+        rows.append([
+            name, col("terminated"), col("left") if way != "psql" else "0", col("look"),
+            col("decide"), col("build"), col("intents"), col("act"), col("act_server"),
+            col("to_final"), col("final"), col("psql"), col("total"),
+            spread([x["ratio"] for x in mine], "{:.2f}x"), counts,
+        ])
+    print(table(
+        ["way", "terminated", "left", "look", "decide", "intents built", "intents written",
+         "ACT+confirm", "(ACT on server)", "records built", "records written", "psql ran",
+         "total", "ratio", "statements S/A/C/other"],
+        rows,
+    ))
 
 
 if __name__ == "__main__":
