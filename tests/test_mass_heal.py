@@ -14,6 +14,7 @@ from conftest import MAJORS, MakeCluster
 from helpers import connect
 
 from watchdog import queries
+from watchdog.act import CONFIRM_WITHIN
 from watchdog.audit import AuditLog
 from watchdog.config import load_config
 from watchdog.connect import connect as watchdog_connect
@@ -98,5 +99,9 @@ audit:
     signalling = [s for s in ran if "pg_terminate_backend" in s]
     assert len(signalling) == 1, signalling
     assert queries.ACT.strip().splitlines()[0] in signalling[0]
-    # Besides it: the snapshot and a few confirmation looks, nothing per victim.
-    assert len(ran) < 10, ran  # how fast: bench/mass_heal.py
+    # Besides it: the snapshot and the confirmation looks, nothing per victim. How many looks
+    # depends on how fast the server reaps 500 backends (every 25 ms for at most 2 s).
+    still_there = queries.STILL_THERE.strip().splitlines()[0]
+    looks = [s for s in ran if still_there in s]
+    assert 1 <= len(looks) <= CONFIRM_WITHIN / 0.025 + 10, len(looks)
+    assert len(ran) - len(looks) < 10, ran  # how fast: bench/mass_heal.py

@@ -126,10 +126,11 @@ CROSS JOIN LATERAL (
 
 # Which of a batch of terminated backends are still there (one look for the batch): each
 # (pid, backend_start) pair, as a pair; a new backend that reused a pid is not the old one.
+# pg_stat_get_activity(NULL) is what pg_stat_activity reads, without its joins to names.
 STILL_THERE = """
 SELECT a.pid
 FROM unnest($1::int[], $2::timestamptz[]) AS v(pid, backend_start)
-JOIN pg_stat_activity a ON a.pid = v.pid AND a.backend_start = v.backend_start
+JOIN pg_stat_get_activity(NULL) a ON a.pid = v.pid AND a.backend_start = v.backend_start
 """
 
 # Where the watchdog is connected, for the audit record's `server` field.
