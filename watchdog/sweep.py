@@ -9,11 +9,12 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from watchdog import audit_io
 from watchdog.act import dry_outcomes, execute
-from watchdog.audit import AuditError, AuditLog, make_record, shown_query
+from watchdog.audit import AuditError, AuditLog, iso, make_record, shown_query
 from watchdog.candidates import candidates, horizon
 from watchdog.config import Config, Target
 from watchdog.connect import STATEMENT_TIMEOUT
@@ -79,16 +80,26 @@ async def sweep_target(
 
     sweep = uuid.uuid4().hex[:16]
 
-    # Each action's query text as its records show it: redacted once, not once per record.
-    shown: dict[int, str | None] = {}
+    # Each query text as records show it: redacted once, not once per record or per session
+    # (an application's sessions often last ran the same statement); and each action's
+    # intent record, which its final record repeats but for when and what came of it.
+    shown: dict[str | None, str | None] = {}
+    intents: dict[int, dict[str, Any]] = {}
 
     def records(items: list[Outcome]) -> list[dict[str, Any]]:
         out = []
+        ts = iso(datetime.now(UTC))
         for o in items:
             s = o.action.session
-            if s.pid not in shown:
-                shown[s.pid] = shown_query(s.query, config.audit.query)
-            out.append(make_record(o, server=server, sweep=sweep, query=shown[s.pid]))
+            if (intent := intents.get(s.pid)) is not None:
+                out.append(intent | {"ts": ts, "outcome": o.outcome, "error": o.error})
+                continue
+            if s.query not in shown:
+                shown[s.query] = shown_query(s.query, config.audit.query)
+            record = make_record(o, server=server, sweep=sweep, query=shown[s.query])
+            if o.outcome == "intent":
+                intents[s.pid] = record
+            out.append(record)
         return out
 
     # A dry run records each session and policy once, not once per sweep.
