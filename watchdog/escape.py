@@ -30,9 +30,18 @@ def _json_escape(m: re.Match[str]) -> str:
     return f"\\u{ord(m.group()):04x}"
 
 
+_ONE_LINE = json.JSONEncoder(ensure_ascii=False)
+
+
 def json_text(value: object, indent: int | None = None) -> str:
     """``value`` as JSON, non-ASCII text readable, every unsafe character escaped."""
-    return _JSON_UNSAFE.sub(_json_escape, json.dumps(value, ensure_ascii=False, indent=indent))
+    if indent is None:
+        text = _ONE_LINE.encode(value)
+        if text.isascii() and "\x7f" not in text:
+            return text  # nothing to escape: every other unsafe character is no ASCII
+    else:
+        text = json.dumps(value, ensure_ascii=False, indent=indent)
+    return _JSON_UNSAFE.sub(_json_escape, text)
 
 
 def json_line(value: object) -> str:
