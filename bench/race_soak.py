@@ -366,7 +366,8 @@ class LogTail:
 
 
 def is_snapshot(e: Entry) -> bool:
-    return e.app == WATCHDOG_APP and e.text.startswith("execute ") and "AS own_pid" in e.text
+    head = wd_queries.SNAPSHOT.strip()[:120]  # as tests/helpers.py tells a sweep
+    return e.app == WATCHDOG_APP and e.text.startswith("execute ") and head in e.text
 
 
 def is_act(e: Entry) -> bool:
