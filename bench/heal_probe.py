@@ -60,7 +60,7 @@ async def main() -> dict[str, Any]:
             marks["act_done"] = time.perf_counter()
 
     sweep.execute = timed_execute  # type: ignore[assignment]
-    look, built = sweep.look, sweep._built
+    look, built = sweep.look, getattr(sweep, "_built", None)
 
     async def timed_look(*args: Any, **kw: Any) -> Any:
         try:
@@ -71,12 +71,14 @@ async def main() -> dict[str, Any]:
     async def timed_built(*args: Any, **kw: Any) -> Any:
         marks.setdefault("built_start", time.perf_counter())
         try:
+            assert built is not None
             return await built(*args, **kw)
         finally:
             marks.setdefault("built_done", time.perf_counter())
 
     sweep.look = timed_look  # type: ignore[assignment]
-    sweep._built = timed_built  # type: ignore[assignment]
+    if built is not None:  # records built off the loop: since 2026-11 (older: on the loop)
+        sweep._built = timed_built  # type: ignore[assignment]
     conn = await connect(target)
     try:
         server = await server_address(conn)
@@ -98,14 +100,17 @@ async def main() -> dict[str, Any]:
         audit.close()
     outcomes = [o.outcome for o in report.outcomes]
     m = marks
+    split = {}
+    if "built_start" in m:
+        split = {"decide": (m["built_start"] - m["look_done"]) * 1000,
+                 "build": (m["built_done"] - m["built_start"]) * 1000}
     return {
         "tree": str(TREE),
         "terminated": outcomes.count("terminated"),
         "outcomes": len(outcomes),
         "records": len(config.audit.path.read_text().splitlines()),
         "look": (m["look_done"] - start) * 1000,
-        "decide": (m["built_start"] - m["look_done"]) * 1000,
-        "build": (m["built_done"] - m["built_start"]) * 1000,
+        **split,
         "to_intents": (m["intents_start"] - start) * 1000,
         "intents": (m["intents_done"] - m["intents_start"]) * 1000,
         "act": (m["act_done"] - m["act_start"]) * 1000,

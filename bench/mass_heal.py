@@ -243,12 +243,13 @@ def main() -> None:
             counts += f"/{sum(c.values()) - sum(c.get(k, 0) for k in kinds)}"
         rows.append([
             name, col("terminated"), col("left") if way != "psql" else "0", col("look"),
-            col("decide"), col("build"), col("intents"), col("act"), col("act_server"),
-            col("to_final"), col("final"), col("psql"), col("total"),
+            col("decide"), col("build"), col("to_intents"), col("intents"), col("act"),
+            col("act_server"), col("to_final"), col("final"), col("psql"), col("total"),
             spread([x["ratio"] for x in mine], "{:.2f}x"), counts,
         ])
     print(table(
-        ["way", "terminated", "left", "look", "decide", "intents built", "intents written",
+        ["way", "terminated", "left", "look", "decide", "intents built", "(start to intents)",
+         "intents written",
          "ACT+confirm", "(ACT on server)", "records built", "records written", "psql ran",
          "total", "ratio", "statements S/A/C/other"],
         rows,
