@@ -144,7 +144,7 @@ def _decision(
 
 
 class _Claim(NamedTuple):
-    """A policy that may claim the sessions of one (key, state) group, in the config's order."""
+    """A policy that may claim the sessions of one group of alike sessions (config order)."""
 
     position: int  # the policy's among those of the target
     policy: Policy
