@@ -366,7 +366,7 @@ class LogTail:
 
 
 def is_snapshot(e: Entry) -> bool:
-    head = wd_queries.SNAPSHOT.strip()[:120]  # as tests/helpers.py tells a sweep
+    head = wd_queries.SNAPSHOT.strip().splitlines()[0]  # as bench/footprint.py tells a sweep
     return e.app == WATCHDOG_APP and e.text.startswith("execute ") and head in e.text
 
 
