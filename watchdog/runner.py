@@ -56,6 +56,10 @@ class TargetRunner:
         self.retry_at = 0.0
         self.last_error: str | None = None
         self.poolers = PoolerWatch(target) if target.poolers else None
+        # The DSN the open connection was made with (a reload may name another).
+        self._dsn = target.dsn
+        # Held by a sweep; a reload takes it to change the runner between two sweeps.
+        self._busy = asyncio.Lock()
 
     @property
     def leader(self) -> bool:
@@ -75,8 +79,10 @@ class TargetRunner:
             # the lock went with it.
             await self._drop()
         if time.monotonic() < self.retry_at:
-            raise TargetError(f"{self.target.name}: {self.last_error} (retrying)")
+            # The same message as the failed attempt: one outage, one alert.
+            raise TargetError(self.last_error or f"{self.target.name}: unreachable")
         try:
+            self._dsn = self.target.dsn
             self.conn, self.server = await open_target(self.target)
         except Exception as exc:
             await self._drop()
@@ -137,6 +143,10 @@ class TargetRunner:
 
     async def sweep(self, config: Config, audit: AuditLog, dry_run: bool) -> SweepReport:
         """Connect if needed, then sweep; TargetError or AuditError on failure."""
+        async with self._busy:
+            return await self._sweep(config, audit, dry_run)
+
+    async def _sweep(self, config: Config, audit: AuditLog, dry_run: bool) -> SweepReport:
         await self._ensure_connected()
         # Only an instance that may act competes; per-policy dry_run does not make it dry.
         dry = dry_run or config.dry_run
@@ -164,6 +174,66 @@ class TargetRunner:
             self.last_error = describe_error(self.target, exc)
             await self._drop()
             raise TargetError(self.last_error) from None
+
+    # -- reload -------------------------------------------------------------------------
+
+    async def update(self, target: Target, lock_key: int) -> None:
+        """Apply a reloaded ``target`` between two sweeps, never cancelling one.
+
+        Interval, poolers and password_file change in place: the held connection (already
+        logged in; the DSN names the role) and the leader lock stay. A new DSN is opened
+        first and replaces the held connection only once it is in (make-before-break).
+        """
+        if target.dsn != self._dsn and self.up:
+            await self._switch(target, lock_key)
+        async with self._busy:
+            if target.poolers != self.target.poolers:
+                if self.poolers is not None:
+                    await self.poolers.close()
+                self.poolers = PoolerWatch(target) if target.poolers else None
+            if target.dsn != self.target.dsn or target.password_file != self.target.password_file:
+                self.retry_at = 0.0  # new settings: the next sweep tries them at once
+            self.target = target
+
+    async def _switch(self, target: Target, lock_key: int) -> None:
+        try:
+            conn, server = await open_target(target)
+        except TargetError as exc:
+            log.warning(
+                "%s; the reload keeps the connection to %s (the new dsn is used when it"
+                " reconnects)",
+                exc,
+                self.server,
+            )
+            return
+        async with self._busy:
+            old, held = self.conn, self.leader
+            key = self._lock[1] if self._lock is not None else lock_key
+            self.conn, self.server, self._dsn, self._lock = conn, server, target.dsn, None
+            if held:
+                # Handed over at once: released here, taken there, before another instance's
+                # next try (on another server the lock there is a different one anyway).
+                try:
+                    await old.fetchval(queries.UNLOCK, key)
+                    if await conn.fetchval(queries.TRY_LEAD, key):
+                        self._lock = (conn, key)
+                except Exception as exc:  # the next sweep tries for the lock again
+                    log.warning("%s: handing over the leader lock: %s", target.name, exc)
+            await close_quietly(old)
+            if self._lock is None:
+                self._role = ""
+            log.info(
+                "%s: reload: now connected to %s; the previous connection closed after the new"
+                " one was in%s",
+                target.name,
+                server,
+                " (leader lock carried over)" if self._lock is not None else "",
+            )
+
+    async def retire(self) -> None:
+        """Close, once a sweep in flight has finished (a target removed by a reload)."""
+        async with self._busy:
+            await self.close()
 
     async def close(self) -> None:
         """Close the held connections (the target's and its poolers')."""
