@@ -114,6 +114,12 @@ async def test_new_dsn_to_a_full_server_keeps_the_old_connection(
         fillers.pop().terminate()
         await killed(c, tmp_path / "audit.jsonl")  # the old connection still acts
         assert await watchdog_pids(c) == [pid]
+        # Room again: the same file reloaded gets the new DSN in, then lets the old one go.
+        while fillers:
+            await fillers.pop().close()
+        await reload(d)
+        assert "the previous connection closed after the new one was in" in d.log()
+        assert await leader(c) != pid
         assert d.stop() == 0
     for f in fillers:
         f.terminate()

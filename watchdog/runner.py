@@ -177,6 +177,12 @@ class TargetRunner:
 
     # -- reload -------------------------------------------------------------------------
 
+    @property
+    def switch_pending(self) -> bool:
+        """Whether the held connection was made with another DSN than the target's (a reload
+        could not get in with the new one): the next reload tries again."""
+        return self.up and self._dsn != self.target.dsn
+
     async def update(self, target: Target, lock_key: int) -> None:
         """Apply a reloaded ``target`` between two sweeps, never cancelling one.
 

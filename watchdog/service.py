@@ -331,7 +331,7 @@ class Service:
             if held is None:
                 self.runners[t.name] = TargetRunner(t)
                 self._schedule(t.name)
-            elif held.target != t:
+            elif held.target != t or held.switch_pending:
                 if t.interval != held.target.interval:
                     self._retime(t.name, t.interval)
                 changed.append((held, t))
