@@ -224,7 +224,7 @@ class TargetRunner:
                     if await conn.fetchval(queries.TRY_LEAD, key):
                         self._lock = (conn, key)
                 except Exception as exc:  # the next sweep tries for the lock again
-                    log.warning("%s: handing over the leader lock: %s", target.name, exc)
+                    log.warning("%s (handing over the leader lock)", describe_error(target, exc))
             await close_quietly(old)
             if self._lock is None:
                 self._role = ""

@@ -322,9 +322,12 @@ class Service:
         names = {t.name for t in new.targets}
         gone = [self.runners.pop(name) for name in list(self.runners) if name not in names]
         for runner in gone:
-            self.scheduler.remove_job(runner.target.name)
+            name = runner.target.name
+            self.scheduler.remove_job(name)
             for times in (self.due, self.last_done):
-                times.pop(runner.target.name, None)
+                times.pop(name, None)
+            for key in [k for k in self.troubled if k.startswith(f"{name}:")]:
+                del self.troubled[key]  # added back later, its trouble is news again
         changed: list[tuple[TargetRunner, Target]] = []
         for t in new.targets:
             held = self.runners.get(t.name)
