@@ -5,10 +5,13 @@ its alerts sent first. stdout is a real pipe whose reading end is closed before 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +24,9 @@ from sentry_endpoint import SentryEndpoint
 from watchdog.tempcluster import TempCluster
 
 
-def closed_pipe_run(*args: str) -> subprocess.CompletedProcess[str]:
+def closed_pipe_run(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """``pg-watchdog ARGS`` with stdout a pipe nobody reads any more."""
     read, write = os.pipe()
     os.close(read)
@@ -29,6 +34,7 @@ def closed_pipe_run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "watchdog", *args],
             stdout=write, stderr=subprocess.PIPE, text=True, timeout=120, check=False,
+            env={**os.environ, **(env or {})},
         )
     finally:
         os.close(write)
@@ -137,3 +143,21 @@ def test_help_and_version_end_quietly(flag: str) -> None:
     proc = closed_pipe_run(flag)
     assert_quiet(proc)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_demo_cleans_up_and_ends_quietly() -> None:
+    # Its own TMPDIR (reachable by the unprivileged server user): whatever the demo made
+    # there must be gone, processes included.
+    tmp = Path(tempfile.mkdtemp(prefix="pgwd-pipe-", dir="/tmp"))
+    tmp.chmod(0o711)
+    try:
+        proc = closed_pipe_run("demo", "--fast", env={"TMPDIR": str(tmp)})
+        assert_quiet(proc)
+        assert proc.returncode == 0, proc.stderr
+        assert list(tmp.iterdir()) == []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    assert str(tmp) not in (entry / "cmdline").read_bytes().decode(errors="replace")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

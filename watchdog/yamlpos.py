@@ -52,8 +52,8 @@ def join_path(base: str, key: str | int) -> str:
     """The key path of a child: ``policies[1].longer_than``."""
     if isinstance(key, int):
         return f"{base}[{key}]"
-    if not key.isprintable():
-        # A newline, escape sequence or invisible space in a key: show it, keep one line.
+    if not key.isprintable() or key != key.strip() or not key:
+        # A newline, escape sequence, invisible or blank space in a key: show it, one line.
         return f"{base}[{key!r}]"
     return f"{base}.{key}" if base else key
 
