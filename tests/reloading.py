@@ -75,7 +75,8 @@ async def watchdog_pids(cluster: TempCluster) -> list[int]:
 async def lock_holder(cluster: TempCluster) -> int | None:
     conn = await connect(cluster, "postgres", "psql")
     try:
-        return await conn.fetchval(queries.LOCK_HOLDER, queries.LEADER_KEY)  # type: ignore[no-any-return]
+        pid: int | None = await conn.fetchval(queries.LOCK_HOLDER, queries.LEADER_KEY)
+        return pid
     finally:
         await conn.close()
 
