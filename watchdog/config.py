@@ -30,7 +30,7 @@ from watchdog.yamlfields import (
     str_list,
     string,
 )
-from watchdog.yamlpos import ConfigError, YNode, load_yaml
+from watchdog.yamlpos import MAX_BYTES, ConfigError, YNode, load_yaml
 
 T = TypeVar("T")
 
@@ -170,7 +170,14 @@ def config_path(arg: str | None) -> str:
 def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate a policy file; ConfigError (one line) on any problem."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as f:
+            data = f.read(MAX_BYTES + 1)  # never more: the path may name /dev/zero
+        if len(data) > MAX_BYTES:
+            raise ConfigError(
+                path, 1, 1, "", f"the policy file is larger than {MAX_BYTES // 1024} KiB"
+                " (a policy file is a few KiB)"
+            )
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(path, 1, 1, "", f"cannot read policy file: {reason}") from None
