@@ -45,7 +45,15 @@ _SERVER_SETTINGS = {
 
 
 class TargetError(Exception):
-    """A target cannot be reached or used; the message is safe to print."""
+    """A target cannot be reached or used; the message is safe to print.
+
+    ``report``: what a sweep interrupted by it had done already (signals that may have gone
+    out, recorded as such), for alerts and metrics; None when it signalled nothing.
+    """
+
+    def __init__(self, message: str, report: Any = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 _QUERY_PASSWORD = re.compile(r"(?:^|&)password=([^&]*)")

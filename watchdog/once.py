@@ -103,7 +103,7 @@ async def _sweep_all(
             alerts.trouble(kind, str(result), target.name, logged=False)
             alerts.checkin(target.name, "error")
             print(f"pg-watchdog: {log_text(str(result))}", file=sys.stderr)
-            done = result.report if isinstance(result, AuditError) else None
+            done = result.report  # signals that went out before the failure
             if done is not None:  # signals went out before the log failed: say what they did
                 alerts.swept(done)
                 out.append(_summary(done) | {"error": str(result)})

@@ -22,7 +22,7 @@ from watchdog.connect import (
 )
 from watchdog.pooler_watch import PoolerWatch
 from watchdog.prepared import PreparedWatch, PreparedXact
-from watchdog.sweep import SweepReport, sweep_target
+from watchdog.sweep import Progress, SweepReport, sweep_target
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,8 @@ class TargetRunner:
         await self._ensure_connected()
         # Only an instance that may act competes; per-policy dry_run does not make it dry.
         dry = dry_run or config.dry_run
+        progress = Progress()
+        started = time.monotonic()
         try:
             # The budget is the server's: it stops while the audit log is written.
             async with asyncio.timeout(sweep_timeout(self.target.interval)) as budget:
@@ -182,6 +184,7 @@ class TargetRunner:
                     leader=self.leader or dry,
                     poolers=self.poolers,
                     budget=budget,
+                    progress=progress,
                 )
         except AuditError:
             raise  # the disk's trouble, not the server's: connection and lock stay
@@ -191,7 +194,11 @@ class TargetRunner:
                 log.exception("%s: sweep failed", self.target.name)
             self.last_error = describe_error(self.target, exc)
             await self._drop()
-            raise TargetError(self.last_error) from None
+            # Signals that may have gone out before the trouble still reach alerts and metrics.
+            done = progress.report if progress.report and progress.report.outcomes else None
+            if done is not None:
+                done.duration = time.monotonic() - started
+            raise TargetError(self.last_error, done) from None
 
     # -- reload -------------------------------------------------------------------------
 

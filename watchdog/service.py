@@ -174,6 +174,9 @@ class Service:
                 self.metrics.swept(exc.report)
             self.alerts.checkin(name, "error", time.monotonic() - started)
         except TargetError as exc:
+            if exc.report is not None:  # interrupted after signalling: what it did happened
+                self.alerts.swept(exc.report)
+                self.metrics.swept(exc.report)
             self._trouble("unreachable", str(exc), name)
             self.alerts.checkin(name, "error", time.monotonic() - started)
         except Exception:
