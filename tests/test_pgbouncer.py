@@ -1,4 +1,5 @@
-"""pg-watchdog in front of a real PgBouncer (Debian's 1.18) in front of real PostgreSQL.
+"""pg-watchdog in front of a real PgBouncer (Debian's 1.18, and 1.24 built from Debian 13's
+source: fixture ``pgbouncer``) in front of real PostgreSQL.
 
 The suite starts its own PgBouncers (watchdog.temppooler) with a generated ini: trust auth
 on loopback, the watchdog role in stats_users. Clients are tests/pgwire.WireClient, so each
@@ -28,11 +29,12 @@ from sentry_endpoint import SentryEndpoint
 
 from watchdog.alerts import Alerts
 from watchdog.audit import AuditLog
-from watchdog.config import Config, load_config
+from watchdog.config import Config, PoolerConfig, load_config
 from watchdog.connect import connect as connect_target
 from watchdog.connect import server_address
 from watchdog.decide import decide
 from watchdog.model import Verdict
+from watchdog.pooler import connect_pooler
 from watchdog.pooler_watch import PoolerWatch
 from watchdog.sweep import SweepReport, look, sweep_target
 from watchdog.tempcluster import ClusterError, TempCluster
@@ -52,13 +54,13 @@ def roles(pg: TempCluster) -> Iterator[TempCluster]:
 
 
 @pytest.fixture
-def make_pooler(roles: TempCluster) -> Iterator[MakePooler]:
+def make_pooler(roles: TempCluster, pgbouncer: Path) -> Iterator[MakePooler]:
     """``make_pooler(pool_mode="session", settings={...})``: a PgBouncer before ``pg``."""
     made: list[TempPooler] = []
 
     def factory(**kw: Any) -> TempPooler:
         try:
-            pooler = start_pooler(roles, **kw)
+            pooler = start_pooler(roles, binary=pgbouncer, **kw)
         except ClusterError as exc:
             pytest.fail(f"PgBouncer did not start: {exc}", pytrace=False)
         made.append(pooler)
@@ -539,6 +541,20 @@ async def test_status_explain_shows_the_real_client_and_the_pools(
     finally:
         iit.close()
         idle.close()
+
+
+async def test_the_pooler_is_the_version_under_test(
+    request: pytest.FixtureRequest, make_pooler: MakePooler
+) -> None:
+    pooler = make_pooler()
+    conn = await connect_pooler(PoolerConfig("pgb1", pooler.dsn()))
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute("SHOW VERSION")
+            row = await cur.fetchone()
+    finally:
+        await conn.close()
+    assert row[0].startswith(f"PgBouncer {request.node.callspec.params['pgbouncer']}."), row
 
 
 async def test_pooler_connection_takes_no_server_settings(
