@@ -69,7 +69,7 @@ async def test_notify_ready_watchdog_reload_stop(
 
         d.proc.send_signal(signal.SIGTERM)
         await listener.expect("STOPPING", timeout=10)
-        assert d.stop(timeout=20) == 0
+        assert d.wait(timeout=30) == 0, d.log()
 
 
 async def test_pings_stop_when_sweeps_cannot_run(
