@@ -100,7 +100,7 @@ async def test_processes_sharing_an_audit_path_one_final_record_per_signal(
         try:
             await asyncio.sleep(SOAK_SECONDS)
             # A loaded machine fits fewer runs into the soak: go on until there are enough.
-            await wait_for(enough, timeout=60, interval=0.5, what="enough runs of each command, and victims")
+            await wait_for(enough, timeout=60, interval=0.5, what="enough runs and victims")
         finally:
             stop.set()
             await asyncio.gather(*tasks)
