@@ -25,7 +25,9 @@ from watchdog.tempcluster import TempCluster
 
 IDLE = 2.0
 INTERVAL = 1.0
-SLACK = 1.5
+# Far above any lateness under load (other engineers' suites share the 2 cores); how
+# punctual it is, is bench/punctuality.py's to say.
+SLACK = 10.0
 
 
 def _read(path: Path) -> str:
