@@ -127,14 +127,14 @@ def scrape(port: int) -> list[Metric]:
 
 
 @pytest.fixture(scope="module")
-def exported(pg: TempCluster, tmp_path_factory: pytest.TempPathFactory,
+def exported(pg: TempCluster, pgbouncer: Path, tmp_path_factory: pytest.TempPathFactory,
              request: pytest.FixtureRequest) -> list[Metric]:
     """The /metrics of a real `pg-watchdog run` that swept the cluster, with a real PgBouncer in
     front of it, and killed a session."""
     setup_roles(pg)
     tmp = tmp_path_factory.mktemp("monitoring")
     port = free_port()
-    pooler = start_pooler(pg)
+    pooler = start_pooler(pg, binary=pgbouncer)
     request.addfinalizer(pooler.cleanup)
     cfg = write_config(tmp / "p.yaml", pg, idle="1s", interval="1s", pooler_dsn=pooler.dsn(),
                        extra=f"metrics:\n  listen: 127.0.0.1:{port}\n")

@@ -126,14 +126,14 @@ async def run_and_check(*args: str | Path, rc: int | tuple[int, ...]) -> str:
 
 
 async def run_service_briefly(config: Path, log: Path, until: Any) -> str:
-    """`pg-watchdog -v run` until ``until()`` holds (at most 15 s), then SIGTERM; its output."""
+    """`pg-watchdog -v run` until ``until()`` holds (at most 60 s), then SIGTERM; its output."""
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
             str(BIN), "-v", "run", "-c", str(config),
             env=cli_env(), stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
         )
     try:
-        for _ in range(150):
+        for _ in range(600):
             if until() or proc.returncode is not None:
                 break
             await asyncio.sleep(0.1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -220,8 +221,9 @@ async def test_explain_names_the_policy_or_the_sparing_rule_of_every_session(
     for pid in mix["worker"]:
         e = by_pid[pid]
         assert (e["policy"], e["acting"], e["state"]) == ("stuck", False, "idle in transaction")
-        assert 3590 < e["due_in_s"] < 3600
-        assert e["verdict"].startswith("policy stuck in 59m5")
+        # 1 h minus however long the fixture, the wait and the CLI's start took (load).
+        assert 3600 - 300 < e["due_in_s"] < 3600
+        assert re.fullmatch(r"policy stuck in 5\dm\d\ds", e["verdict"]), e
     spared = {
         "admin": "superuser",
         "pg_dump": "excluded application 'pg_dump'",

