@@ -123,6 +123,8 @@ class AlertsConfig:
     sentry: SentryConfig = SentryConfig()
     connections_above: float | None = 0.8
     pooler_wait_above: float = 1.0  # seconds a PgBouncer client may queue before an alert
+    # Alert when the forecast says the ordinary slots run out sooner than this (seconds).
+    exhaustion_within: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -410,11 +412,14 @@ def _sentry(node: YNode) -> SentryConfig:
 
 
 def _alerts(node: YNode) -> AlertsConfig:
-    f = mapping(node, ("sentry", "connections_above", "pooler_wait_above"))
+    f = mapping(
+        node, ("sentry", "connections_above", "pooler_wait_above", "exhaustion_within")
+    )
     return AlertsConfig(
         sentry=opt(f, "sentry", _sentry, SentryConfig()),
         connections_above=opt(f, "connections_above", percent, 0.8),
         pooler_wait_above=opt(f, "pooler_wait_above", duration, 1.0),
+        exhaustion_within=opt(f, "exhaustion_within", duration, 600.0),
     )
 
 
