@@ -18,6 +18,7 @@ from watchdog.alerts import Alerts
 from watchdog.audit import AuditError, AuditLog
 from watchdog.config import Config, load_config
 from watchdog.connect import TargetError
+from watchdog.forecast_watch import ForecastWatch
 from watchdog.metrics import Metrics
 from watchdog.notify import Notifier
 from watchdog.resolver import Resolver
@@ -57,6 +58,7 @@ class Service:
         self.audit = audit or AuditLog(config.audit.path)
         self.alerts = Alerts(config)
         self.metrics = Metrics(config)
+        self.forecasts = ForecastWatch()  # exhaustion forecast: history per target
         self.notifier = Notifier.from_env()
         self.runners: dict[str, TargetRunner] = {t.name: TargetRunner(t) for t in config.targets}
         self.scheduler = AsyncIOScheduler(timezone=UTC)
@@ -128,6 +130,7 @@ class Service:
             self.alerts.swept(report)
             self.metrics.swept(report)
             self.metrics.pooled(report)
+            await self.forecasts.swept(report, self.config, self.alerts, self.metrics)
             self.alerts.checkin(name, "ok", report.duration)
             self._next(name, started, report)
         finally:
