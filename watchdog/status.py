@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -20,6 +21,8 @@ from watchdog.blockers import describe as describe_blocking
 from watchdog.config import Config, Target
 from watchdog.connect import close_quietly, describe_error, open_target
 from watchdog.decide import decide
+from watchdog.forecast import Forecast, History, sample_of
+from watchdog.forecast_render import forecast_json, forecast_line
 from watchdog.model import Session, Snapshot, Verdict
 from watchdog.pooler import describe_client
 from watchdog.pooler_watch import PoolerRound, PoolerWatch
@@ -140,6 +143,7 @@ def build_report(
     snapshot: Snapshot,
     explain: bool,
     poolers: PoolerRound | None = None,
+    forecast: Forecast | None = None,
 ) -> Report:
     """Everything `status` shows about one target, as JSON-ready values."""
     decision = decide(snapshot, config, target.name)
@@ -182,6 +186,7 @@ def build_report(
         "over_limit": decision.over_limit,
         "next_actions": [_session_json(snapshot, v, dry(v)) for v in planned],
         "holding_back_vacuum": _xmin_holders(snapshot),
+        "forecast": forecast_json(forecast),
     }
     if target.poolers:
         report["pools"] = _pools(target, poolers or PoolerRound())
@@ -279,6 +284,7 @@ def render_text(r: Report) -> str:
         for x in r.get("holding_back_vacuum", [])[:_XMIN_SHOWN]
     ]
     lines += [f"  xmin held    {', '.join(xmin)}"] if xmin else []
+    lines += [f"  forecast     {forecast_line(r['forecast'])}"] if "forecast" in r else []
     lines += _pool_lines(r.get("pools", []))
     if r["hidden_sessions"]:
         lines.append(
@@ -308,8 +314,11 @@ class _Held:
     def __init__(self) -> None:
         self.conns: dict[str, tuple[Any, str]] = {}
         self.poolers: dict[str, PoolerWatch] = {}
+        self.histories: dict[str, History] = {}  # --watch: the forecast's history
 
-    async def look(self, config: Config, target: Target, explain: bool) -> Report:
+    async def look(
+        self, config: Config, target: Target, explain: bool, watching: bool = False
+    ) -> Report:
         held = self.conns.get(target.name)
         if target.poolers and target.name not in self.poolers:
             self.poolers[target.name] = PoolerWatch(target)
@@ -322,7 +331,12 @@ class _Held:
         except Exception as exc:
             await self.drop(target.name)
             return {"target": target.name, "error": describe_error(target, exc)}
-        return build_report(config, target, held[1], snapshot, explain, pooled)
+        fc = None
+        if watching:
+            history = self.histories.setdefault(target.name, History())
+            history.observe(sample_of(snapshot, time.monotonic()))
+            fc = history.forecast()
+        return build_report(config, target, held[1], snapshot, explain, pooled, fc)
 
     async def drop(self, name: str) -> None:
         held = self.conns.pop(name, None)
@@ -364,7 +378,7 @@ async def run_status(config: Config, args: argparse.Namespace) -> int:
     try:
         while True:
             reports = await asyncio.gather(
-                *(held.look(config, t, args.explain) for t in config.targets)
+                *(held.look(config, t, args.explain, watch is not None) for t in config.targets)
             )
             code = _print_round(list(reports), args, clear)
             if watch is None or stop.is_set():
