@@ -27,6 +27,7 @@ MIN_KILLS = 5  # fewer than this is not a pattern
 MIN_SHARE = 1 / 3  # of the target's kills (of that kind): the one to fix first
 ORDER = (
     "leak",
+    "exhaustion_forecast",
     "idle_in_transaction_timeout",
     "statement_timeout",
     "idle_session_timeout",
@@ -235,11 +236,14 @@ def analyse(
     looks: Mapping[str, Any],
     window: Window,
     targets: Sequence[str],
+    forecasts: Sequence[Record] = (),
 ) -> list[Finding]:
     """Every finding for ``targets``: ``looks`` maps a target to its advise_look.Look, or to
-    None when it could not be reached (then only the audit log speaks for it)."""
+    None when it could not be reached (then only the audit log speaks for it); ``forecasts``
+    are the exhaustion forecast's records (watchdog/forecast_log.py)."""
     from watchdog import advise_own as own
     from watchdog import advise_server as server
+    from watchdog.advise_forecast import exhaustion_forecast
 
     policies = {p.name: p for p in config.policies}
     by_target = group(records, "target")
@@ -247,6 +251,7 @@ def analyse(
     for name in targets:
         mine = by_target.get((name,), [])
         found += leak(name, mine, window)
+        found += exhaustion_forecast(name, forecasts, config)
         found += own.max_per_sweep(name, mine, config)
         found += own.dry_run_left_on(name, mine, config, window)
         found += own.policy_unused(name, mine, config, window)
