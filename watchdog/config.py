@@ -428,7 +428,7 @@ def _metrics(node: YNode) -> MetricsConfig:
     listen = string(f["listen"])
     host, sep, port = listen.rpartition(":")
     if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-        raise f["listen"].error(f"{listen!r} is not HOST:PORT (e.g. 127.0.0.1:9187)")
+        raise f["listen"].error(f"{listen!r} is not HOST:PORT (e.g. 127.0.0.1:9654)")
     return MetricsConfig(host=host.strip("[]") or "127.0.0.1", port=int(port))
 
 
