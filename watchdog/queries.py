@@ -206,3 +206,10 @@ PGBOUNCER_SOCKETS = "SHOW SOCKETS"
 PGBOUNCER_CONFIG = "SHOW CONFIG"
 # `check --connect`: what a stats_users role must be allowed to run.
 PGBOUNCER_CHECKS = ("SHOW POOLS", "SHOW SERVERS", "SHOW CLIENTS", "SHOW SOCKETS")
+
+# `init`: the login roles that are superusers (spared by exclude.superusers; named in the
+# file it writes). Names as bytes, as in SNAPSHOT.
+INIT_SUPERUSERS = """
+SELECT textsend(rolname::text) AS rolname FROM pg_roles
+WHERE rolsuper AND rolcanlogin ORDER BY rolname
+"""
