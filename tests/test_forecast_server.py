@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from conftest import MAJORS
 from daemon import Daemon, write_config
 from helpers import connect, free_port, sweeps_ran, wait_for
 from prometheus_client.parser import text_string_to_metric_families
-from scenario import run_cli, setup_roles
+from scenario import BIN, cli_env, run_cli, setup_roles
 from sentry_endpoint import SentryEndpoint
 
 from watchdog.forecast_log import forecast_path
@@ -95,7 +96,11 @@ async def test_a_leak_raises_one_event_naming_it_before_the_first_refusal(
     port = free_port()
     loop = asyncio.get_running_loop()
     conns: list[asyncpg.Connection] = []
-    with SentryEndpoint() as sentry, Daemon(config(tmp_path, pg60, sentry, port)) as daemon:
+    with SentryEndpoint() as sentry, Daemon(cfg := config(tmp_path, pg60, sentry, port)) as daemon:
+        # `status --watch 1` beside the service: it gathers a history of its own.
+        status = await asyncio.create_subprocess_exec(
+            str(BIN), "status", "-c", str(cfg), "--watch", "1", "--json", env=cli_env(),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
         try:
             # A baseline as long as the shortest window (10 s) before the leak begins.
             await sweeps_ran(pg60, 15, timeout=60)
@@ -125,9 +130,16 @@ async def test_a_leak_raises_one_event_naming_it_before_the_first_refusal(
         finally:
             for c in conns:
                 c.terminate()
+            status.send_signal(signal.SIGINT)
+            rounds, _ = await asyncio.wait_for(status.communicate(), 30)
         assert daemon.stop() == 0
         log = daemon.log()
         events = exhaustion_events(sentry)
+    # status --watch showed the estimate and the leaking application while it filled.
+    forecasts = [json.loads(line)["targets"][0]["forecast"] for line in rounds.splitlines()]
+    growing = [f for f in forecasts if f["growing"]]
+    assert growing, forecasts[-5:]
+    assert growing[0]["applications"][0]["name"] == LEAKY and growing[0]["eta_s"] < 60
     assert len(events) == 1, events
     event = events[0]
     assert event["level"] == "error"
@@ -186,6 +198,9 @@ async def test_a_server_held_flat_at_85_percent_for_a_minute_raises_nothing(
                                        for e in sentry.events()), timeout=10,
                            what="the saturation event")
             assert eta_gauge(port) is None
+            look = await run_cli("status", "-c", tmp_path / "policies.yaml", "--json")
+            assert look.json()["targets"][0]["forecast"] == {"needs_history": True,
+                                                              "growing": False}
             assert daemon.stop() == 0
             assert exhaustion_events(sentry) == [], daemon.log()
             assert not forecast_path(tmp_path / "audit.jsonl").exists()

@@ -21,8 +21,8 @@ from scenario import run_cli, setup_roles
 
 from watchdog.checks import quote_ident
 from watchdog.config import load_config
-from watchdog.init_render import duration
 from watchdog.tempcluster import TempCluster
+from watchdog.units import policy_duration as duration
 
 PASSWORD = "In1tS3cret!pw"  # trust auth accepts it; it must never be written or printed
 APP = "orders-api"

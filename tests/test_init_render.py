@@ -17,9 +17,10 @@ from watchdog.config import parse_config
 from watchdog.init_dsn import without_secrets
 from watchdog.init_fit import alert_percent, escalation_percent, glob_exact, thresholds, tools
 from watchdog.init_look import AppSeen, Facts, Timeout
-from watchdog.init_render import Options, duration, render, scalar
+from watchdog.init_render import Options, render, scalar
 from watchdog.managed import Role, RoleFacts
 from watchdog.units import parse_duration
+from watchdog.units import policy_duration as duration
 from watchdog.yamlpos import load_yaml
 
 HOSTILE = [

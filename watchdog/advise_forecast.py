@@ -11,7 +11,7 @@ from typing import Any
 
 from watchdog.advise import Finding, Record
 from watchdog.config import Config
-from watchdog.units import format_duration
+from watchdog.units import format_duration, policy_duration
 
 EPISODES_SHOWN = 3
 
@@ -75,7 +75,7 @@ def exhaustion_forecast(target: str, records: Sequence[Record], config: Config) 
     episodes = _episodes([r for r in records if r.get("target") == target])
     if not episodes:
         return []
-    within = format_duration(config.alerts.exhaustion_within)
+    within = policy_duration(config.alerts.exhaustion_within)
     filled = [e for _, e in episodes if e is not None and _num(e, "full_after_s") is not None]
     evidence = [
         f"{len(episodes)} time{'s' if len(episodes) != 1 else ''} the forecast said the slots"

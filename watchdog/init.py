@@ -23,9 +23,10 @@ from watchdog.connect import scrub
 from watchdog.init_dsn import without_secrets
 from watchdog.init_fit import tools
 from watchdog.init_look import Facts, take_look
-from watchdog.init_render import Options, duration, render
+from watchdog.init_render import Options, render
 from watchdog.review_render import fit
 from watchdog.units import parse_duration
+from watchdog.units import policy_duration as duration
 from watchdog.yamlpos import ConfigError, load_yaml
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

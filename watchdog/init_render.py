@@ -25,6 +25,7 @@ from watchdog.init_fit import (
 )
 from watchdog.init_look import AppSeen, Facts
 from watchdog.units import format_duration
+from watchdog.units import policy_duration as duration
 
 # Free in Prometheus's default port allocations; 9187 is postgres_exporter's.
 METRICS_PORT = 9654
@@ -55,17 +56,6 @@ def scalar(value: str | int | float | bool | None) -> str:
 def note(value: str) -> str:
     """``value`` for a comment: as is when printable ASCII, else escaped by :func:`scalar`."""
     return value if value.isascii() and value.isprintable() else scalar(value)
-
-
-def duration(seconds: float) -> str:
-    """A duration the policy file accepts (``1m36s``, ``500ms``)."""
-    ms = round(seconds * 1000)
-    parts = []
-    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
-        if ms >= size:
-            parts.append(f"{ms // size}{unit}")
-            ms %= size
-    return "".join(parts) + (f"{ms}ms" if ms or not parts else "")
 
 
 def _names(values: tuple[str, ...] | list[str], limit: int = 6) -> str:
