@@ -18,6 +18,7 @@ there: a server that swings between 75 % and 90 % all day does that every hour, 
 from __future__ import annotations
 
 import math
+import sys
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -98,7 +99,8 @@ class Forecast:
 
 
 def _top(counts: Counter[str]) -> dict[str, int]:
-    return dict(counts.most_common(KEEP_NAMES))
+    # Interned: every sample of a target names the same few applications and clients.
+    return {sys.intern(name): n for name, n in counts.most_common(KEEP_NAMES)}
 
 
 def make_sample(t: float, used: int, capacity: int, apps: Iterable[str],
