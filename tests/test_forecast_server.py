@@ -97,10 +97,13 @@ async def test_a_leak_raises_one_event_naming_it_before_the_first_refusal(
     loop = asyncio.get_running_loop()
     conns: list[asyncpg.Connection] = []
     with SentryEndpoint() as sentry, Daemon(cfg := config(tmp_path, pg60, sentry, port)) as daemon:
-        # `status --watch 1` beside the service: it gathers a history of its own.
-        status = await asyncio.create_subprocess_exec(
-            str(BIN), "status", "-c", str(cfg), "--watch", "1", "--json", env=cli_env(),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        # `status --watch 1` beside the service: it gathers a history of its own. Its rounds
+        # go to a file: a pipe nobody reads would block it.
+        rounds_path = tmp_path / "status.jsonl"
+        with rounds_path.open("wb") as rounds_file:
+            status = await asyncio.create_subprocess_exec(
+                str(BIN), "status", "-c", str(cfg), "--watch", "1", "--json", env=cli_env(),
+                stdout=rounds_file, stderr=asyncio.subprocess.DEVNULL)
         try:
             # A baseline as long as the shortest window (10 s) before the leak begins.
             await sweeps_ran(pg60, 15, timeout=60)
@@ -131,12 +134,13 @@ async def test_a_leak_raises_one_event_naming_it_before_the_first_refusal(
             for c in conns:
                 c.terminate()
             status.send_signal(signal.SIGINT)
-            rounds, _ = await asyncio.wait_for(status.communicate(), 30)
+            await asyncio.wait_for(status.wait(), 30)
         assert daemon.stop() == 0
         log = daemon.log()
         events = exhaustion_events(sentry)
     # status --watch showed the estimate and the leaking application while it filled.
-    forecasts = [json.loads(line)["targets"][0]["forecast"] for line in rounds.splitlines()]
+    forecasts = [json.loads(line)["targets"][0]["forecast"]
+                 for line in rounds_path.read_text().splitlines()]
     growing = [f for f in forecasts if f["growing"]]
     assert growing, forecasts[-5:]
     assert growing[0]["applications"][0]["name"] == LEAKY and growing[0]["eta_s"] < 60
