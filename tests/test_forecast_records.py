@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from watchdog.advise_forecast import exhaustion_forecast
 
 from watchdog import forecast_log
-from watchdog.advise import sort_findings
+from watchdog.advise.findings import sort_findings
+from watchdog.advise.forecast import exhaustion_forecast
 from watchdog.config import AlertsConfig, parse_config
 from watchdog.forecast import Episode, Forecast, Grower
 from watchdog.forecast_render import forecast_json, forecast_line

@@ -19,8 +19,8 @@ from conftest import MakeCluster
 from helpers import connect, wait_for
 from scenario import run_cli, setup_roles
 
-from watchdog.checks import quote_ident
 from watchdog.config import load_config
+from watchdog.quoting import quote_ident
 from watchdog.tempcluster import TempCluster
 from watchdog.units import policy_duration as duration
 
@@ -158,8 +158,8 @@ async def test_rds_like_init_spares_the_admin_role_and_fits_the_server_timeouts(
 async def test_hostile_names_seen_by_init_stay_values(pg: TempCluster, tmp_path: Path) -> None:
     setup_roles(pg)
     hostile = 'evil"\n  - x: \'y\''
-    pg.psql(f"DROP ROLE IF EXISTS {quote_ident(hostile)};"
-            f" CREATE ROLE {quote_ident(hostile)} LOGIN SUPERUSER;")
+    pg.psql(f"DROP ROLE IF EXISTS {quote_ident(hostile, ())};"
+            f" CREATE ROLE {quote_ident(hostile, ())} LOGIN SUPERUSER;")
     try:
         async with sessions(pg, (hostile, "psql\n  - injected"), ("app", "a: b # c")):
             rc, stdout, stderr = await init("--connect", pg.dsn("watchdog"), "--look", "1s")
@@ -178,7 +178,7 @@ async def test_hostile_names_seen_by_init_stay_values(pg: TempCluster, tmp_path:
                                 " WHERE usename = $1", hostile)
         finally:
             await admin.close()
-        pg.psql(f"DROP ROLE IF EXISTS {quote_ident(hostile)}")
+        pg.psql(f"DROP ROLE IF EXISTS {quote_ident(hostile, ())}")
 
 
 async def test_output_is_never_overwritten_without_force(pg: TempCluster, tmp_path: Path) -> None:
