@@ -114,6 +114,12 @@ def _cmd_advise(args: argparse.Namespace) -> int:
     return run_advise(_load(args), args)
 
 
+def _cmd_init(args: argparse.Namespace) -> int:
+    from watchdog.init import run_init
+
+    return run_init(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from watchdog.demo import run_demo
 
@@ -173,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     configure_advise(p)
     p.set_defaults(func=_cmd_advise, log_level=logging.WARNING)
+
+    p = sub.add_parser("init", help="look at a server; write a policy file fitted to it (dry run)")
+    from watchdog.init import configure_parser as configure_init
+
+    configure_init(p)
+    p.set_defaults(func=_cmd_init, log_level=logging.WARNING, config=None)
 
     p = sub.add_parser("demo", help="reproduce a connection-exhaustion incident and heal it")
     p.add_argument("--major", type=int, default=18, help="PostgreSQL major to run (default 18)")

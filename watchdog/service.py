@@ -21,6 +21,7 @@ from watchdog.audit import AuditError, AuditLog
 from watchdog.checks import never_acts
 from watchdog.config import Config, Target, load_config
 from watchdog.connect import TargetError
+from watchdog.forecast_watch import ForecastWatch
 from watchdog.metrics import Metrics
 from watchdog.notify import Notifier
 from watchdog.preflight import PreflightError, open_audit, require
@@ -74,6 +75,7 @@ class Service:
         self.audit = audit or AuditLog(config.audit.path)
         self.alerts = Alerts(config)
         self.metrics = Metrics(config)
+        self.forecasts = ForecastWatch()  # exhaustion forecast: history per target
         self.notifier = Notifier.from_env()
         self.runners: dict[str, TargetRunner] = {t.name: TargetRunner(t) for t in config.targets}
         self.scheduler = AsyncIOScheduler(timezone=UTC)
@@ -190,6 +192,7 @@ class Service:
             self._recovered(name)
             self.metrics.swept(report)
             self.metrics.pooled(report)
+            await self.forecasts.swept(report, self.config, self.alerts, self.metrics)
             self.alerts.checkin(name, "ok", report.duration)
             watch = self.prepared.setdefault(name, PreparedWatch(name))
             self.alerts.prepared(name, await runner.prepared(watch), report.leader)
