@@ -16,12 +16,12 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-# Iterations stretch guessable passwords; these are 256 random bits that nobody types, so
-# stretching buys nothing and would cost every test connection a PBKDF2 on both sides
-# (PostgreSQL's default is 4096).
-SCRAM_ITERATIONS = 1
+# PostgreSQL's default, and the least RFC 7677 allows: pgjdbc refuses fewer ("iteration must
+# be >= 4096"). Only the client pays it (one PBKDF2 per login); the server checks with HMACs.
+SCRAM_ITERATIONS = 4096
 LOOPBACK = ("127.0.0.1", "localhost")
 
 # Every login role without a password gets the bootstrap superuser's verifier (the cluster's
@@ -57,8 +57,8 @@ def new_password() -> str:
 
 
 def scram_verifier(password: str, iterations: int = SCRAM_ITERATIONS) -> str:
-    """The SCRAM-SHA-256 verifier PostgreSQL stores for ``password`` (``pg_authid``): set as
-    is, it also fixes the iteration count, which PostgreSQL 15 cannot configure."""
+    """The SCRAM-SHA-256 verifier PostgreSQL stores for ``password`` (``pg_authid``): made
+    here, so that a cluster's PgBouncer holds the same one and can pass a client's key on."""
     salt = secrets.token_bytes(16)
     salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
     stored = hashlib.sha256(hmac.digest(salted, b"Client Key", "sha256")).digest()
@@ -82,21 +82,21 @@ def listen_hosts(addresses: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(hosts))
 
 
+@dataclass
+class _Entry:
+    hosts: tuple[str, ...]
+    password: str
+    roles: dict[str, str] = field(default_factory=dict)  # roles with a password of their own
+
+
 _lock = threading.Lock()
 _dir: Path | None = None
 _owner = os.getpid()  # a forked child must not remove its parent's directory at exit
-_entries: dict[int, tuple[tuple[str, ...], str]] = {}  # port -> (hosts, password)
+_entries: dict[int, _Entry] = {}  # by port
 
 
 def _escape(field: str) -> str:
     return field.replace("\\", "\\\\").replace(":", "\\:")
-
-
-def _export(path: Path) -> None:
-    os.environ["PGPASSFILE"] = str(path)
-    # libpq and asyncpg prefer PGPASSWORD to any passfile: one set for another server would
-    # be sent to ours instead.
-    os.environ.pop("PGPASSWORD", None)
 
 
 def passfile() -> Path:
@@ -108,16 +108,24 @@ def passfile() -> Path:
             _dir = Path(tempfile.mkdtemp(prefix="pg-watchdog-pass-"))
             _write()
         path = _dir / "pgpass"
-        _export(path)
-        return path
+    os.environ["PGPASSFILE"] = str(path)
+    # libpq and asyncpg prefer PGPASSWORD to any passfile: one set for another server would
+    # be sent to ours instead.
+    os.environ.pop("PGPASSWORD", None)
+    return path
 
 
 def _write() -> None:
     """Replace the passfile atomically (readers see the old or the new one, never half)."""
     assert _dir is not None
-    lines = [f"{_escape(host)}:{port}:*:*:{_escape(password)}\n"
-             for port, (hosts, password) in _entries.items() for host in hosts]
-    tmp = _dir / f"pgpass.{os.getpid()}.{threading.get_ident()}"
+    lines = []
+    for port, entry in _entries.items():
+        for host in map(_escape, entry.hosts):
+            # The first matching line wins: a role's own password before the server's.
+            lines += [f"{host}:{port}:*:{_escape(role)}:{_escape(password)}\n"
+                      for role, password in entry.roles.items()]
+            lines.append(f"{host}:{port}:*:*:{_escape(entry.password)}\n")
+    tmp = _dir / f"pgpass.{threading.get_ident()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.writelines(lines)
@@ -126,28 +134,44 @@ def _write() -> None:
 
 def remember(port: int, password: str, hosts: Iterable[str] = LOOPBACK) -> None:
     """Clients of this process connecting to ``hosts``:``port`` use ``password``."""
-    path = passfile()
+    passfile()
     with _lock:
-        _entries[port] = (tuple(hosts), password)
+        old = _entries.get(port)  # a restart keeps the roles' own passwords
+        roles = old.roles if old is not None and old.password == password else {}
+        _entries[port] = _Entry(tuple(hosts), password, roles)
         _write()
-    _export(path)
+
+
+def remember_role(port: int, role: str, password: str | None) -> None:
+    """``role`` logs in to ``port`` with a ``password`` of its own (None: the server's again)."""
+    if "\n" in role or "\r" in role:
+        raise ValueError(f"a passfile cannot name the role {role!r}")
+    with _lock:
+        entry = _entries.get(port)
+        if entry is None:
+            raise ValueError(f"no server remembered on port {port}")
+        if password is None:
+            entry.roles.pop(role, None)
+        else:
+            entry.roles[role] = password
+        _write()
 
 
 def forget(port: int, password: str | None = None) -> None:
     """Drop ``port`` (if it still has ``password``): ports are reused by later servers."""
     with _lock:
         entry = _entries.get(port)
-        if _dir is None or entry is None or password not in (None, entry[1]):
+        if entry is None or password not in (None, entry.password):
             return
         del _entries[port]
         _write()
 
 
 def password_for(port: int) -> str | None:
-    """The password remembered for ``port`` (e.g. for a proxy in front of that server)."""
+    """The server's password remembered for ``port`` (e.g. for a proxy in front of it)."""
     with _lock:
         entry = _entries.get(port)
-        return entry[1] if entry else None
+        return entry.password if entry else None
 
 
 @atexit.register

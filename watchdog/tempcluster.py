@@ -203,10 +203,22 @@ class TempCluster:
         than through :meth:`psql` (asyncpg, another psql), before they log in over TCP."""
         self._psql(tempauth.SYNC_PASSWORDS, self.superuser, "postgres", 60)
 
+    def set_password(self, role: str, password: str) -> None:
+        """Give ``role`` a password of its own, which this process's clients then find in the
+        passfile. Not the superuser's: its verifier is the one every new role gets."""
+        if role == self.superuser:
+            raise ClusterError(f"the password of {role} is the cluster's; use another role")
+        literal = password.replace("'", "''")  # through psql's stdin, never its arguments
+        self._psql(f"ALTER ROLE :\"role\" PASSWORD '{literal}'", self.superuser, "postgres", 60,
+                   {"role": role})
+        tempauth.remember_role(self.port, role, password)
+
     def reset_passwords(self, *roles: str) -> None:
         """Give ``roles`` the cluster's password again (after a test set its own)."""
         self._psql(f"SET pg_watchdog.reset = :'reset';\n{tempauth.SYNC_PASSWORDS}",
                    self.superuser, "postgres", 60, {"reset": json.dumps(list(roles))})
+        for role in roles:
+            tempauth.remember_role(self.port, role, None)
 
     def cleanup(self) -> None:
         """Stop (immediate), SIGKILL leftovers, remove the base dir. Idempotent."""
