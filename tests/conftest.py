@@ -4,7 +4,9 @@
 ``PG_WATCHDOG_TEST_MAJORS=15`` (or ``15,18``) to restrict the majors. ``pgbouncer`` is the
 binary of each PgBouncer version (ids ``pgbouncer1.18``, ``pgbouncer1.24``), restricted by
 ``PG_WATCHDOG_TEST_PGBOUNCERS=1.24``. A server that cannot start fails the test with the
-ClusterError message; it is never skipped.
+ClusterError message; it is never skipped. TCP logins to these servers need their random
+passwords: every client finds them through PGPASSFILE, exported here before any test module
+copies the environment (see watchdog.tempauth).
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ import pytest
 from helpers import connect
 from scenario import kill_leftovers, setup_roles
 
+from watchdog.tempauth import passfile
 from watchdog.tempcluster import ClusterError, TempCluster, find_bindir, run_as_user, start_cluster
 from watchdog.temppooler import find_pgbouncer
+
+passfile()
 
 DEFAULT_MAJORS = (15, 16, 17, 18)
 DEFAULT_PGBOUNCERS = ("1.18", "1.24")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from helpers import connect
+from helpers import connect, proxy_login
 
 from watchdog.journal import journals
 from watchdog.tempcluster import TempCluster
@@ -231,10 +231,12 @@ class CutProxy:
     async def __aenter__(self) -> CutProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
+        proxy_login(self.port, self.upstream[1])
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
+        proxy_login(self.port, None)
         self._server.close()
         for w in self._writers:
             w.close()

@@ -130,9 +130,10 @@ def policy_file(
 
 
 def cli_env() -> dict[str, str]:
-    """The environment for a pg-watchdog subprocess: no libpq, systemd or Sentry leakage."""
+    """The environment for a pg-watchdog subprocess: no libpq, systemd or Sentry leakage, but
+    the passfile of the throwaway servers (PGPASSFILE, see watchdog.tempauth)."""
     drop = ("PG", "NOTIFY_SOCKET", "WATCHDOG_", "SENTRY_", "JOURNAL_STREAM", "LISTEN_")
-    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop) or k == "PGPASSFILE"}
 
 
 @dataclass

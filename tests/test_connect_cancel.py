@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 
 import pytest
-from helpers import connect, wait_for
+from helpers import connect, proxy_login, wait_for
 from scenario import setup_roles
 
 from watchdog import queries
@@ -34,10 +34,12 @@ class HoldingProxy:
     async def __aenter__(self) -> HoldingProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
+        proxy_login(self.port, self.upstream[1])
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
+        proxy_login(self.port, None)
         self._server.close()
         for t in list(self._tasks):
             t.cancel()

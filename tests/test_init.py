@@ -24,12 +24,14 @@ from watchdog.quoting import quote_ident
 from watchdog.tempcluster import TempCluster
 from watchdog.units import policy_duration as duration
 
-PASSWORD = "In1tS3cret!pw"  # trust auth accepts it; it must never be written or printed
+PASSWORD = "In1tS3cret!pw"  # the watchdog role's own here; it must never be written or printed
 APP = "orders-api"
 DBEAVER = "DBeaver 24.1.0 - Main <postgres>"
 
 
 def dsn_with_password(cluster: TempCluster, user: str = "watchdog") -> str:
+    """``user`` now logs in with PASSWORD: from this DSN, or (written without it) the passfile."""
+    cluster.set_password(user, PASSWORD)
     return cluster.dsn(user).replace(f"{user}@", f"{user}:{PASSWORD.replace('!', '%21')}@", 1)
 
 

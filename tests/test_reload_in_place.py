@@ -48,7 +48,7 @@ async def test_interval_poolers_and_password_file_change_in_place(
 ) -> None:
     cfg = policy(tmp_path / "p.yaml", cluster)
     secret = tmp_path / "pw"
-    secret.write_text("not-needed-with-trust\n")
+    secret.write_text(cluster.password + "\n")
     with Daemon(cfg) as d:
         pid = await leader(cluster)
         for change in (
@@ -130,7 +130,7 @@ async def test_reload_waits_for_the_sweep_in_flight(cluster: TempCluster, tmp_pa
     audit = tmp_path / "audit.jsonl"
     cfg = policy(tmp_path / "p.yaml", cluster)
     secret = tmp_path / "pw"
-    secret.write_text("x\n")
+    secret.write_text(cluster.password + "\n")
     with NotifyListener() as listener, Daemon(cfg, listener.environ()) as d:
         await listener.expect("READY", timeout=30)
         pid = await leader(cluster)

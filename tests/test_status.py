@@ -20,7 +20,8 @@ from helpers import connect, free_port, wait_for
 from watchdog.tempcluster import TempCluster
 
 HOSTILE_ROLE = "bad\n\x1b[31mrole"
-ENV = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+# PGPASSFILE: the passfile of the throwaway servers (conftest exports it before this runs).
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("PG") or k == "PGPASSFILE"}
 OTHERS = " FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
 END_OTHERS = "SELECT pg_terminate_backend(pid)" + OTHERS
 COUNT_OTHERS = "SELECT count(*)" + OTHERS
