@@ -76,7 +76,8 @@ def clone(template: TempCluster, root: Path, i: int) -> TempCluster:
     basedir.mkdir()
     c = TempCluster(major=template.major, bindir=template.bindir, basedir=basedir,
                     datadir=basedir / "data", port=free_port(), log_path=basedir / "postgresql.log",
-                    os_user=template.os_user)
+                    os_user=template.os_user, password=template.password,
+                    scram_secret=template.scram_secret)
     subprocess.run(["cp", "-a", str(template.datadir), str(c.datadir)], check=True)
     if template.os_user:
         subprocess.run(["chown", template.os_user, str(basedir)], check=True)

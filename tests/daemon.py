@@ -77,8 +77,14 @@ class Daemon:
         return self.proc.poll() is None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Send ``sig`` once (a test that already signalled it calls :meth:`wait`) and wait."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 30) -> int:
+        """Its exit code, without signalling it: a second SIGTERM that lands after the service
+        has removed its handlers, just before it exits, kills it (-15)."""
         try:
             return self.proc.wait(timeout)
         finally:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from helpers import connect
+from helpers import connect, proxy_login
 
 from watchdog.journal import journals
 from watchdog.tempcluster import TempCluster
@@ -213,11 +213,15 @@ class CutProxy:
     """A TCP proxy to a server that cuts the network once, at the worst moment: when the
     client binds and executes the first prepared statement whose text holds ``marker``, it
     forwards that, drops everything the server answers and closes both sides. The server
-    runs the statement; the client never learns what it did. Later connections pass."""
+    runs the statement; the client never learns what it did. Later connections pass.
 
-    def __init__(self, host: str, port: int, marker: bytes) -> None:
+    ``silent``: the client's side is left open instead, answering nothing, as a network that
+    dies without a word: the client waits until its own timeout gives up."""
+
+    def __init__(self, host: str, port: int, marker: bytes, silent: bool = False) -> None:
         self.upstream = (host, port)
         self.marker = marker
+        self.silent = silent
         self.port = 0
         self.cut = asyncio.Event()
         self._server: asyncio.Server | None = None
@@ -227,10 +231,12 @@ class CutProxy:
     async def __aenter__(self) -> CutProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
+        proxy_login(self.port, self.upstream[1])
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
+        proxy_login(self.port, None)
         self._server.close()
         for w in self._writers:
             w.close()
@@ -265,7 +271,8 @@ class CutProxy:
                 if cutting:
                     blackhole.set()
                     self.cut.set()
-                    cw.close()  # the client sees its connection die mid-statement
+                    if not self.silent:
+                        cw.close()  # the client sees its connection die mid-statement
                     await asyncio.sleep(0.5)  # the server runs the statement meanwhile
                     break
             sw.close()
@@ -275,7 +282,8 @@ class CutProxy:
                 if not blackhole.is_set():
                     cw.write(data)
                     await cw.drain()
-            cw.close()
+            if not (self.silent and blackhole.is_set()):
+                cw.close()  # silent: left open until the proxy goes
 
         tasks = [asyncio.create_task(up()), asyncio.create_task(down())]
         self._tasks.update(tasks)

@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 
+from watchdog import tempauth
 from watchdog.tempcluster import TempCluster
 from watchdog.tempcluster import free_port as _free_port
 
@@ -16,7 +17,8 @@ from watchdog.tempcluster import free_port as _free_port
 async def connect(cluster: TempCluster, user: str = "postgres",
                   application_name: str | None = None, database: str = "postgres",
                   timeout: float = 10, **kwargs: Any) -> asyncpg.Connection:
-    """An asyncpg connection to ``cluster`` (trust auth over TCP). Close it yourself."""
+    """An asyncpg connection to ``cluster`` over TCP (the password from PGPASSFILE). Close
+    it yourself."""
     server_settings = dict(kwargs.pop("server_settings", None) or {})
     if application_name is not None:
         server_settings["application_name"] = application_name
@@ -43,6 +45,16 @@ async def wait_for(predicate: Callable[[], Awaitable[bool]] | Callable[[], bool]
 def free_port() -> int:
     """A currently free TCP port on 127.0.0.1."""
     return _free_port()
+
+
+def proxy_login(port: int, upstream_port: int | None) -> None:
+    """Clients reaching a server through a proxy on ``port`` log in with the server's password
+    (from the passfile); ``upstream_port`` None: the proxy is gone, forget its port."""
+    password = tempauth.password_for(upstream_port) if upstream_port is not None else None
+    if password is None:
+        tempauth.forget(port)
+    else:
+        tempauth.remember(port, password)
 
 
 _SWEEPS = (

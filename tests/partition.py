@@ -21,9 +21,10 @@ LISTEN = {"listen_addresses": "'127.0.0.1,127.0.0.2,127.0.0.3'"}
 
 
 def allow_loopback(cluster: TempCluster) -> None:
-    """Trust every 127/8 address (initdb's pg_hba.conf trusts 127.0.0.1 only)."""
+    """Password logins from every 127/8 address (initdb's pg_hba.conf covers 127.0.0.1 only);
+    clients find the password for the addresses in LISTEN (tempcluster.listen_hosts)."""
     with (cluster.datadir / "pg_hba.conf").open("a") as f:
-        f.write("host all all 127.0.0.0/8 trust\n")
+        f.write("host all all 127.0.0.0/8 scram-sha-256\n")
     cluster.psql("SELECT pg_reload_conf()")
 
 

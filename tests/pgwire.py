@@ -3,7 +3,8 @@
 The client: neither asyncpg nor libpq can bind the source address of a connection. Behind
 PgBouncer the tests need clients with a known, distinct address (127.0.0.3 while PgBouncer
 reaches PostgreSQL from 127.0.0.1), and the exact socket address to compare with the audit
-record. Trust auth only; simple query protocol only.
+record. SCRAM-SHA-256 (the password from this process's passfile, see watchdog.tempauth) or
+trust; simple query protocol only.
 
 The console (``FakeConsole``, run as its own process): it answers the SHOW commands the
 watchdog sends the way a broken or hostile pooler would (see ``MODES``), and logs every
@@ -14,9 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import hashlib
+import hmac
 import json
 import os
+import secrets
 import socket
 import struct
 import subprocess
@@ -24,6 +29,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from watchdog import tempauth
 
 
 class WireError(Exception):
@@ -41,7 +48,8 @@ class WireClient:
 
     @classmethod
     async def connect(cls, port: int, user: str, database: str, *, source: str = "127.0.0.1",
-                      host: str = "127.0.0.1", application_name: str = "wire") -> WireClient:
+                      host: str = "127.0.0.1", application_name: str = "wire",
+                      password: str | None = None) -> WireClient:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.bind((source, 0))
@@ -55,8 +63,48 @@ class WireClient:
         ) + b"\0"
         body = struct.pack("!i", 196608) + params
         writer.write(struct.pack("!i", len(body) + 4) + body)
+        await client._login(password if password is not None else tempauth.password_for(port))
         await client._until_ready()
         return client
+
+    async def _login(self, password: str | None) -> None:
+        """Answer the server's authentication requests (RFC 5802 SCRAM, no channel binding)
+        until AuthenticationOk."""
+        nonce = base64.b64encode(secrets.token_bytes(18)).decode()
+        first_bare = f"n=,r={nonce}"
+        expected = b""
+        while True:
+            kind, body = await self._message()
+            if kind == b"E":
+                raise WireError(body.decode(errors="replace"))
+            code = struct.unpack("!i", body[:4])[0] if kind == b"R" else -1
+            if code == 0:
+                return
+            if code == 10 and password is not None:  # AuthenticationSASL: start
+                first = f"n,,{first_bare}".encode()
+                payload = b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first
+            elif code == 11 and password is not None:  # AuthenticationSASLContinue
+                server_first = body[4:].decode()
+                attrs = dict(item.split("=", 1) for item in server_first.split(","))
+                if not attrs["r"].startswith(nonce):
+                    raise WireError("SCRAM: the server's nonce does not extend ours")
+                salted = hashlib.pbkdf2_hmac("sha256", password.encode(),
+                                             base64.b64decode(attrs["s"]), int(attrs["i"]))
+                client_key = hmac.digest(salted, b"Client Key", "sha256")
+                without_proof = f"c=biws,r={attrs['r']}"
+                message = f"{first_bare},{server_first},{without_proof}".encode()
+                signature = hmac.digest(hashlib.sha256(client_key).digest(), message, "sha256")
+                proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+                server_key = hmac.digest(salted, b"Server Key", "sha256")
+                expected = b"v=" + base64.b64encode(hmac.digest(server_key, message, "sha256"))
+                payload = f"{without_proof},p={base64.b64encode(proof).decode()}".encode()
+            elif code == 12:  # AuthenticationSASLFinal: the server knew the password too
+                if body[4:] != expected:
+                    raise WireError("SCRAM: the server's signature does not match")
+                continue
+            else:
+                raise WireError(f"cannot answer authentication request {kind!r} {code}")
+            self.writer.write(b"p" + struct.pack("!i", len(payload) + 4) + payload)
 
     async def _message(self) -> tuple[bytes, bytes]:
         try:

@@ -6,12 +6,13 @@ Everything talks to a real TempCluster; nothing here mocks the database or the s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,9 +130,10 @@ def policy_file(
 
 
 def cli_env() -> dict[str, str]:
-    """The environment for a pg-watchdog subprocess: no libpq, systemd or Sentry leakage."""
+    """The environment for a pg-watchdog subprocess: no libpq, systemd or Sentry leakage, but
+    the passfile of the throwaway servers (PGPASSFILE, see watchdog.tempauth)."""
     drop = ("PG", "NOTIFY_SOCKET", "WATCHDOG_", "SENTRY_", "JOURNAL_STREAM", "LISTEN_")
-    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop) or k == "PGPASSFILE"}
 
 
 @dataclass
@@ -294,6 +296,31 @@ async def open_young_sessions(pg: TempCluster, mix: Mix, admin: asyncpg.Connecti
         return row is not None and row["state"] == "active"
 
     await wait_for(sleeping, 5, what="the pg_sleep(30) session to be active")
+
+
+@contextlib.asynccontextmanager
+async def kept_young(conn: asyncpg.Connection, every: float = 0.3) -> AsyncIterator[None]:
+    """Inside, ``conn`` runs ``SELECT 1`` every ``every`` s: an idle session whose idle time
+    stays far under a threshold of seconds, however long a `pg-watchdog` process takes to
+    start and look on a loaded machine. It stops at the first error (the session was
+    terminated): the caller's own checks say so."""
+    stop = asyncio.Event()
+
+    async def refresh() -> None:
+        while not stop.is_set():
+            try:
+                await conn.execute("SELECT 1")
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every)
+
+    task = asyncio.create_task(refresh())
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
 
 
 async def check_active_alive(mix: Mix, admin: asyncpg.Connection) -> None:

@@ -31,7 +31,7 @@ from watchdog.snapshot import take_snapshot
 from watchdog.sweep import SweepReport, sweep_target
 from watchdog.tempcluster import TempCluster
 
-PASSWORD = "S3cret:Pw/1"  # trust auth accepts any password; it must never reach Sentry
+PASSWORD = "S3cret:Pw/1"  # the watchdog's roles' own (SCRAM checks it); never in Sentry
 FILE_SECRET = "F1leS3cretPw"
 MARKER = "secret-query-marker"
 SECRETS = (PASSWORD, quote(PASSWORD, safe=""), FILE_SECRET)
@@ -72,8 +72,10 @@ def make_alerts() -> Iterator[Callable[[Config], Alerts]]:
 @pytest.fixture(scope="module")
 def roles(pg: TempCluster) -> TempCluster:
     pg.psql(
-        "CREATE ROLE watchdog LOGIN; GRANT pg_monitor, pg_signal_backend TO watchdog;"
-        "CREATE ROLE weakdog LOGIN; GRANT pg_monitor TO weakdog;"  # cannot signal others
+        f"CREATE ROLE watchdog LOGIN PASSWORD '{PASSWORD}';"
+        " GRANT pg_monitor, pg_signal_backend TO watchdog;"
+        f"CREATE ROLE weakdog LOGIN PASSWORD '{PASSWORD}';"
+        " GRANT pg_monitor TO weakdog;"  # cannot signal others
         "CREATE ROLE app LOGIN;"
     )
     return pg
@@ -325,8 +327,8 @@ async def test_saturation_alerts_once_per_crossing(
 ) -> None:
     # 10 connections, 3 reserved for superusers: 7 ordinary slots; 4 of them is 57%.
     small = make_cluster(pg.major, max_connections=10)
-    small.psql("CREATE ROLE app LOGIN")
-    config = write_config(tmp_path, small, sentry, user="postgres", connections_above="50%")
+    small.psql(f"CREATE ROLE app LOGIN; CREATE ROLE dba LOGIN SUPERUSER PASSWORD '{PASSWORD}'")
+    config = write_config(tmp_path, small, sentry, user="dba", connections_above="50%")
     alerts = make_alerts(config)
     caplog.set_level(logging.INFO, logger="watchdog.alerts")
 

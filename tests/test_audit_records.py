@@ -96,7 +96,7 @@ async def test_audit_fsyncs_leave_the_event_loop_free(
     def fsync(fd: int) -> None:
         ran = threading.Event()
         loop.call_soon_threadsafe(ran.set)  # can only run if this is not the loop's thread
-        loop_ran.append(ran.wait(2))
+        loop_ran.append(ran.wait(30))  # generous: a blocked loop never sets it
         real_fsync(fd)
 
     conns = await _idle_victims(pg, 2)

@@ -83,7 +83,7 @@ async def test_the_blocker_is_terminated_and_the_bystander_falls_through(
             return bool(res.json()["targets"][0]["actions"])
 
         # Polled: the blocker must be past 1s and waited on past the wait threshold.
-        await wait_for(swept, 30, interval=0.3, what="a sweep that acts")
+        await wait_for(swept, 60, interval=0.3, what="a sweep that acts")
         [rec] = read_audit(tmp_path / "audit.jsonl")
         assert (rec["pid"], rec["policy"], rec["outcome"]) == (blocker_pid, "blockers",
                                                               "terminated")

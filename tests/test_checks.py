@@ -14,7 +14,8 @@ from helpers import free_port
 from watchdog.tempcluster import TempCluster
 
 MakeCluster = Callable[..., TempCluster]
-ENV = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+# PGPASSFILE: the passfile of the throwaway servers (conftest exports it before this runs).
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("PG") or k == "PGPASSFILE"}
 
 POLICY = """
 targets:

@@ -10,7 +10,7 @@ from scenario import BIN, REPO, cli_env, policy_file, setup_roles
 
 from watchdog.tempcluster import TempCluster
 
-COMMANDS = ("run", "once", "check", "status", "audit", "demo")
+COMMANDS = ("run", "once", "check", "status", "audit", "init", "demo")
 
 
 def _run(*argv: str | Path) -> subprocess.CompletedProcess[str]:

@@ -209,18 +209,21 @@ def test_connect_args_are_keywords_plus_a_tls_only_uri() -> None:
 
 async def test_connects_through_key_value_dsns(pg: TempCluster) -> None:
     setup_roles(pg)
-    for dsn in (
-        f"host={pg.host} port={pg.port} dbname=postgres user={WATCHDOG_ROLE} sslmode=disable",
-        f"host = '{pg.host}'   port = {pg.port}  user='{WATCHDOG_ROLE}' password='x \\' y' "
-        "dbname = postgres connect_timeout=10",
-        f"postgresql://{WATCHDOG_ROLE}@{pg.host}:{pg.port}/postgres?connect_timeout=10"
-        "&target_session_attrs=any",
+    # A role whose password is the quoted value below: SCRAM proves it was parsed right.
+    pg.psql("DROP ROLE IF EXISTS kv_quoted; CREATE ROLE kv_quoted LOGIN PASSWORD 'x '' y'")
+    for dsn, user in (
+        (f"host={pg.host} port={pg.port} dbname=postgres user={WATCHDOG_ROLE} sslmode=disable",
+         WATCHDOG_ROLE),
+        (f"host = '{pg.host}'   port = {pg.port}  user='kv_quoted' password='x \\' y' "
+         "dbname = postgres connect_timeout=10", "kv_quoted"),
+        (f"postgresql://{WATCHDOG_ROLE}@{pg.host}:{pg.port}/postgres?connect_timeout=10"
+         "&target_session_attrs=any", WATCHDOG_ROLE),
         # the unix socket, as libpq tools write it
-        f"host={pg.datadir} port={pg.port} user={WATCHDOG_ROLE} dbname=postgres",
+        (f"host={pg.datadir} port={pg.port} user={WATCHDOG_ROLE} dbname=postgres", WATCHDOG_ROLE),
     ):
         conn = await connect(Target("t", dsn, None, 30.0))
         try:
-            assert await conn.fetchval("SELECT current_user") == WATCHDOG_ROLE
+            assert await conn.fetchval("SELECT current_user") == user
             # Nothing of the DSN reached the server as a setting.
             assert await conn.fetchval("SHOW application_name") == "pg-watchdog"
         finally:

@@ -125,15 +125,21 @@ def cluster(pg: TempCluster) -> TempCluster:
 
 
 def volumes(root: Path, cluster: TempCluster, *, idle: str = "2s", port: int) -> dict[Path, str]:
-    """A policy directory (read-only, as a ConfigMap) and an audit directory of UID's."""
-    config, audit = root / "config", root / "audit"
+    """A policy directory (read-only, as a ConfigMap), the server's password (as the Secret
+    deploy/kubernetes mounts) and an audit directory of UID's."""
+    config, audit, secret = root / "config", root / "audit", root / "credentials"
     config.mkdir(parents=True)
     audit.mkdir()
-    os.chown(audit, UID, UID)
+    secret.mkdir(mode=0o700)
+    (secret / "password").write_text(cluster.password + "\n")
+    for path in (audit, secret, secret / "password"):
+        os.chown(path, UID, UID)
+    (secret / "password").chmod(0o400)
     audit.chmod(0o750)
     config.chmod(0o755)
     policies(config / "policies.yaml", cluster, idle=idle, port=port)
-    return {config: "/etc/pg-watchdog:ro", audit: "/var/log/pg-watchdog"}
+    return {config: "/etc/pg-watchdog:ro", audit: "/var/log/pg-watchdog",
+            secret: "/run/secrets/pg-watchdog:ro"}
 
 
 def policies(path: Path, cluster: TempCluster, *, idle: str, port: int) -> None:
@@ -141,6 +147,7 @@ def policies(path: Path, cluster: TempCluster, *, idle: str, port: int) -> None:
         f"""targets:
   - name: main
     dsn: {cluster.dsn("watchdog")}
+    password_file: /run/secrets/pg-watchdog/password
     interval: 1s
 policies:
   - name: idle
@@ -191,7 +198,8 @@ async def test_image_checks_then_heals_and_stops_cleanly(
     port = free_port()
     mounts = volumes(tmp_path, cluster, port=port)
     check = podman("run", "--rm", "--network", "host", "--read-only", "--volume",
-                   f"{tmp_path / 'config'}:/etc/pg-watchdog:ro", containers.image,
+                   f"{tmp_path / 'config'}:/etc/pg-watchdog:ro", "--volume",
+                   f"{tmp_path / 'credentials'}:/run/secrets/pg-watchdog:ro", containers.image,
                    "check", "-c", "/etc/pg-watchdog/policies.yaml", "--connect")
     assert "ok" in check.stdout + check.stderr
 

@@ -247,7 +247,7 @@ async def test_audit_file_unwritable_holds_back_records_and_fails_closed(
         audit.mkdir()  # opening the log now fails with EISDIR; the intent journal still works
         held = await open_victims(c, 3)
         await _all_die(c, pids_of(held))  # intents were on disk: these went out
-        await wait_for(lambda: "cannot write audit log" in d.log(), timeout=5, what="error")
+        await wait_for(lambda: "cannot write audit log" in d.log(), timeout=30, what="error")
         assert journal_size(audit) > 0  # the journal keeps them while their records wait
 
         blocked = await open_victims(c, 2)
@@ -324,7 +324,7 @@ async def _kills_with_records_held_back(
     _replace_with_a_directory(audit)
     held = await open_victims(c, 2)
     await _all_die(c, pids_of(held))
-    await wait_for(lambda: "cannot write audit log" in d.log(), timeout=5, what="error")
+    await wait_for(lambda: "cannot write audit log" in d.log(), timeout=30, what="error")
     return held
 
 
@@ -434,7 +434,7 @@ async def test_file_size_limit_mid_append_leaves_no_duplicates(
         try:
             held = await open_victims(c, 3)
             await _all_die(c, pids_of(held))
-            await wait_for(lambda: "File too large" in d.log(), timeout=5, what="EFBIG")
+            await wait_for(lambda: "File too large" in d.log(), timeout=30, what="EFBIG")
         finally:
             resource.prlimit(d.pid, resource.RLIMIT_FSIZE,
                              (resource.RLIM_INFINITY, resource.RLIM_INFINITY))

@@ -267,13 +267,15 @@ def encodings(cluster: TempCluster) -> TempCluster:
     ))
     # A role created from a LATIN1 session: its name is stored as LATIN1 bytes.
     psql_run(cluster, "latin1_db", "postgres", b"CREATE ROLE \"jos\xe9\" LOGIN;\n")
+    cluster.sync_passwords()  # it logs in over TCP below
     return cluster
 
 
 def _psql(pg: TempCluster, database: str, user: str, app: str) -> tuple[list[str], dict[str, str]]:
     cmd = [str(pg.bindir / "psql"), "-XAtq", "-v", "ON_ERROR_STOP=1", "-h", pg.host,
            "-p", str(pg.port), "-U", user, "-d", database]
-    env = {"PATH": os.environ.get("PATH", ""), "PGCLIENTENCODING": "LATIN1", "PGAPPNAME": app}
+    env = {"PATH": os.environ.get("PATH", ""), "PGCLIENTENCODING": "LATIN1", "PGAPPNAME": app,
+           "PGPASSFILE": os.environ["PGPASSFILE"]}
     return cmd, env
 
 

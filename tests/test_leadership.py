@@ -18,7 +18,8 @@ from scenario import setup_roles
 
 from watchdog.tempcluster import TempCluster
 
-ENV = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+# PGPASSFILE: the passfile of the throwaway servers (conftest exports it before this runs).
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("PG") or k == "PGPASSFILE"}
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+from collections import Counter
 from pathlib import Path
 
 import asyncpg
@@ -14,7 +15,6 @@ from conftest import MAJORS, MakeCluster
 from helpers import connect
 
 from watchdog import queries
-from watchdog.act import CONFIRM_WITHIN
 from watchdog.audit import AuditLog
 from watchdog.config import load_config
 from watchdog.connect import connect as watchdog_connect
@@ -27,11 +27,12 @@ _ENTRY = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", re.MULTILINE)
 
 
 def statements_of(log: str, application: str) -> list[str]:
-    """Statements ``application`` ran, from a log_statement = 'all' server log."""
+    """Texts of the statements ``application`` ran, from a log_statement = 'all' server log,
+    whitespace collapsed (the log indents continuation lines)."""
     starts = [m.start() for m in _ENTRY.finditer(log)] + [len(log)]
     entries = [log[a:b] for a, b in itertools.pairwise(starts)]
-    marker = re.compile(rf"\] {re.escape(application)} LOG:  (?:statement|execute [^:]*):")
-    return [e for e in entries if marker.search(e)]
+    marker = re.compile(rf"\] {re.escape(application)} LOG:  (?:statement|execute [^:]*): ")
+    return [" ".join(e[m.end():].split()) for e in entries if (m := marker.search(e))]
 
 
 async def _open_victims(pg: TempCluster, n: int, batch: int = 50) -> list[asyncpg.Connection]:
@@ -96,12 +97,13 @@ audit:
         f.seek(offset)
         log = f.read()
     ran = statements_of(log, "pg-watchdog")
-    signalling = [s for s in ran if "pg_terminate_backend" in s]
+    # One statement touches sessions, for the whole batch.
+    signalling = [s for s in ran if re.search(r"pg_(terminate|cancel)_backend", s)]
     assert len(signalling) == 1, signalling
-    assert queries.ACT.strip().splitlines()[0] in signalling[0]
-    # Besides it: the snapshot and the confirmation looks, nothing per victim. How many looks
-    # depends on how fast the server reaps 500 backends (every 25 ms for at most 2 s).
-    still_there = queries.STILL_THERE.strip().splitlines()[0]
-    looks = [s for s in ran if still_there in s]
-    assert 1 <= len(looks) <= CONFIRM_WITHIN / 0.025 + 10, len(looks)
-    assert len(ran) - len(looks) < 10, ran  # how fast: bench/mass_heal.py
+    assert signalling[0] == " ".join(queries.ACT.split())
+    # Nothing per victim. The rest are looks at the whole batch (the snapshot; confirmation
+    # looks, as many as fit in act.CONFIRM_WITHIN) and whatever asyncpg sends on its own (type
+    # introspection): how many of those run depends on timing, so only a statement repeated
+    # about once per victim fails here. How fast: bench/mass_heal.py.
+    repeated = Counter(ran).most_common(1)[0]
+    assert repeated[1] < VICTIMS // 10, repeated

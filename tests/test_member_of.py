@@ -272,7 +272,8 @@ async def test_check_connect_survives_a_role_name_that_is_not_utf8(
             " (SELECT FROM pg_database WHERE datname = 'latin1_roles') \\gexec")
     cmd = [str(pg.bindir / "psql"), "-XAtq", "-v", "ON_ERROR_STOP=1", "-h", pg.host,
            "-p", str(pg.port), "-U", "postgres", "-d", "latin1_roles"]
-    env = {"PATH": os.environ.get("PATH", ""), "PGCLIENTENCODING": "LATIN1"}
+    env = {"PATH": os.environ.get("PATH", ""), "PGCLIENTENCODING": "LATIN1",
+           "PGPASSFILE": os.environ["PGPASSFILE"]}
 
     def latin1(sql: bytes) -> None:
         res = subprocess.run(cmd, input=sql, capture_output=True, env=env, timeout=30,

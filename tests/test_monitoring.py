@@ -25,6 +25,10 @@ from watchdog.temppooler import start_pooler
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "monitoring" / "pg-watchdog.rules.yml"
 RULE_TESTS = REPO / "tests" / "promtool" / "pg-watchdog.rules.test.yml"
+PREDICT_LINEAR_TESTS = REPO / "tests" / "promtool" / "exhaustion-predict-linear.test.yml"
+# Exported only while there is something to say (a growing client count): a real run that
+# heals one idle session declares them (HELP, TYPE) without a sample.
+ABSENT_UNTIL_NEEDED = {"pg_watchdog_exhaustion_eta_seconds"}
 DASHBOARD = REPO / "monitoring" / "grafana-dashboard.json"
 # Labels whose values are unbounded, or secrets: never on a metric.
 HIGH_CARDINALITY = {"pid", "query", "application_name", "usename", "client_addr", "backend_start"}
@@ -83,6 +87,30 @@ def test_promtool_unit_tests_pass() -> None:
     assert "SUCCESS" in res.stdout
 
 
+def commented_alternative() -> str:
+    """The predict_linear rule the rules file ships commented out, as a rules file of its own."""
+    lines = RULES.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines)
+                 if line.strip() == "# - alert: PgWatchdogExhaustionPredicted")
+    block = []
+    for line in lines[start:]:
+        if not line.lstrip().startswith("#"):
+            break
+        block.append(line.replace("# ", "", 1) if line.strip() != "#" else "")
+    return "groups:\n  - name: pg-watchdog-predict-linear\n    rules:\n" + "\n".join(block) + "\n"
+
+
+def test_the_commented_predict_linear_alternative_is_a_valid_tested_rule(tmp_path: Path) -> None:
+    rules = tmp_path / "exhaustion-predict-linear.rules.yml"
+    rules.write_text(commented_alternative())
+    res = promtool("check", "rules", str(rules))
+    assert res.returncode == 0 and "SUCCESS: 1 rules found" in res.stdout, res.stdout + res.stderr
+    tests = tmp_path / PREDICT_LINEAR_TESTS.name
+    shutil.copy(PREDICT_LINEAR_TESTS, tests)
+    res = promtool("test", "rules", str(tests))
+    assert res.returncode == 0 and "SUCCESS" in res.stdout, res.stdout + res.stderr
+
+
 def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
     tests = yaml.safe_load(RULE_TESTS.read_text())["tests"]
     fires: set[str] = set()
@@ -127,14 +155,14 @@ def scrape(port: int) -> list[Metric]:
 
 
 @pytest.fixture(scope="module")
-def exported(pg: TempCluster, tmp_path_factory: pytest.TempPathFactory,
+def exported(pg: TempCluster, pgbouncer: Path, tmp_path_factory: pytest.TempPathFactory,
              request: pytest.FixtureRequest) -> list[Metric]:
     """The /metrics of a real `pg-watchdog run` that swept the cluster, with a real PgBouncer in
     front of it, and killed a session."""
     setup_roles(pg)
     tmp = tmp_path_factory.mktemp("monitoring")
     port = free_port()
-    pooler = start_pooler(pg)
+    pooler = start_pooler(pg, binary=pgbouncer)
     request.addfinalizer(pooler.cleanup)
     cfg = write_config(tmp / "p.yaml", pg, idle="1s", interval="1s", pooler_dsn=pooler.dsn(),
                        extra=f"metrics:\n  listen: 127.0.0.1:{port}\n")
@@ -181,6 +209,7 @@ def test_dashboard_names_only_exported_metrics(exported: list[Metric]) -> None:
 
 def test_rules_name_only_exported_metrics(exported: list[Metric]) -> None:
     names = {s.name for f in exported for s in f.samples}
+    names |= {f.name for f in exported if f.name in ABSENT_UNTIL_NEEDED}  # declared, no sample
     used = set().union(*(metric_names(e) for e in rule_exprs().values()))
     missing = used - names
     assert not missing, f"not exported: {sorted(missing)}"

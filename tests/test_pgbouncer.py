@@ -1,4 +1,5 @@
-"""pg-watchdog in front of a real PgBouncer (Debian's 1.18) in front of real PostgreSQL.
+"""pg-watchdog in front of a real PgBouncer (Debian's 1.18, and 1.24 built from Debian 13's
+source: fixture ``pgbouncer``) in front of real PostgreSQL.
 
 The suite starts its own PgBouncers (watchdog.temppooler) with a generated ini: trust auth
 on loopback, the watchdog role in stats_users. Clients are tests/pgwire.WireClient, so each
@@ -53,13 +54,13 @@ def roles(pg: TempCluster) -> Iterator[TempCluster]:
 
 
 @pytest.fixture
-def make_pooler(roles: TempCluster) -> Iterator[MakePooler]:
+def make_pooler(roles: TempCluster, pgbouncer: Path) -> Iterator[MakePooler]:
     """``make_pooler(pool_mode="session", settings={...})``: a PgBouncer before ``pg``."""
     made: list[TempPooler] = []
 
     def factory(**kw: Any) -> TempPooler:
         try:
-            pooler = start_pooler(roles, **kw)
+            pooler = start_pooler(roles, binary=pgbouncer, **kw)
         except ClusterError as exc:
             pytest.fail(f"PgBouncer did not start: {exc}", pytrace=False)
         made.append(pooler)
@@ -547,6 +548,24 @@ async def test_status_explain_shows_the_real_client_and_the_pools(
     finally:
         iit.close()
         idle.close()
+
+
+async def test_the_pooler_is_the_version_under_test(
+    request: pytest.FixtureRequest, make_pooler: MakePooler
+) -> None:
+    import psycopg
+
+    pooler = make_pooler()
+    conn = await psycopg.AsyncConnection.connect(
+        pooler.dsn(), autocommit=True, cursor_factory=psycopg.AsyncClientCursor
+    )
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute("SHOW VERSION")
+            row = await cur.fetchone()
+    finally:
+        await conn.close()
+    assert row[0].startswith(f"PgBouncer {request.node.callspec.params['pgbouncer']}."), row
 
 
 async def test_pooler_connection_takes_no_server_settings(

@@ -10,8 +10,8 @@ and the watchdog's peak memory (the kernel's own figure) stays under MEMORY_BOUN
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -24,7 +24,6 @@ from helpers import connect, wait_for
 from pgwire import fake_console, queries_seen
 from scenario import (
     APP_ROLE,
-    BIN,
     cli_env,
     kill_leftovers,
     policy_file,
@@ -97,17 +96,32 @@ def peak_mb(pid: int) -> float:
     raise AssertionError(f"no VmHWM for {pid}")
 
 
+# `pg-watchdog once`, reporting its own peak resident memory as it exits. Not wait4's
+# ru_maxrss: Linux carries the parent's high-water mark across fork and exec into it, so a
+# child of this (large) test process would report the test's size, not its own.
+_ONCE_WITH_PEAK = """
+import atexit, sys
+def peak():
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    print(f"peak-kb {kb}", file=sys.stderr)
+atexit.register(peak)
+from watchdog.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def once_with_peak(path: Path) -> tuple[int, str, float, float]:
     """Run `pg-watchdog once`: (exit code, stderr, peak resident MB, seconds)."""
     started = time.monotonic()
-    with subprocess.Popen([str(BIN), "once", "-c", str(path)], env=cli_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
-        assert proc.stderr is not None
-        err = proc.stderr.read()
-        # wait4: the kernel's peak resident set of the child, read as it is reaped.
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, err.decode(), usage.ru_maxrss / 1024, time.monotonic() - started
+    proc = subprocess.run([sys.executable, "-c", _ONCE_WITH_PEAK, "once", "-c", str(path)],
+                          env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          check=False)
+    err = proc.stderr.decode()
+    peaks = [int(line.split()[1]) for line in err.splitlines() if line.startswith("peak-kb ")]
+    assert len(peaks) == 1, err
+    rest = "".join(line + "\n" for line in err.splitlines() if not line.startswith("peak-kb "))
+    return proc.returncode, rest, peaks[0] / 1024, time.monotonic() - started
 
 
 @pytest.mark.parametrize(("mode", "limit"), [

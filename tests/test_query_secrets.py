@@ -86,6 +86,7 @@ async def victims(cluster: TempCluster) -> AsyncIterator[dict[int, str]]:
         for sql in STATEMENTS:
             conns.append(await connect(cluster, "app", "payments"))
             await conns[-1].execute(sql)
+            cluster.reset_passwords("app")  # ALTER ROLE app PASSWORD: later logins need ours
         admin = await connect(cluster, "postgres", "psql")
         try:
             pids = [c.get_server_pid() for c in conns]

@@ -1,10 +1,10 @@
 """Passwords (in DSNs, in password files) never reach any output: logs, audit, Sentry, CLI.
 
-Every command runs for real, against a reachable server (trust auth accepts any
-password, so the secrets are really sent) and against unreachable targets (a closed
-port, a host name that does not resolve, in URIs and key=value DSNs), and every byte
-it writes (stdout, stderr, the service's log, the audit log, the Sentry envelopes) is
-searched for each secret, as written and URL-decoded.
+Every command runs for real, against a reachable server (each target logs in with a role
+and password of its own over SCRAM: every secret is really used) and against unreachable
+targets (a closed port, a host name that does not resolve, in URIs and key=value DSNs),
+and every byte it writes (stdout, stderr, the service's log, the audit log, the Sentry
+envelopes) is searched for each secret, as written and URL-decoded.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ QUERY_SECRET = "Query-Param-Secret"  # ?password=... (libpq and asyncpg accept i
 KEYWORD_SECRET = r"Kw Secret\'s"  # password='...' in a key=value DSN: the password Kw Secret's
 SECRETS = (DSN_SECRET, FILE_SECRET, ENCODED_SECRET, "Enc@Secret/99", QUERY_SECRET,
            KEYWORD_SECRET, "Kw Secret's")
+# The role (a member of watchdog) and password of each reachable target: a secret taken from
+# the wrong place fails the login. The DSN's password of "main" loses to its password_file.
+ROLES = {"main": ("wd_file", FILE_SECRET), "encoded": ("wd_encoded", "Enc@Secret/99"),
+         "query-param": ("wd_query", QUERY_SECRET), "keywords": ("wd_keywords", "Kw Secret's")}
 
 
 def assert_no_secret(what: str, text: str | bytes) -> None:
@@ -41,6 +45,9 @@ def assert_no_secret(what: str, text: str | bytes) -> None:
 @pytest.fixture(scope="module")
 def cluster(pg: TempCluster) -> TempCluster:
     setup_roles(pg)
+    for role, password in ROLES.values():
+        literal = password.replace("'", "''")
+        pg.psql(f"CREATE ROLE {role} LOGIN IN ROLE {WATCHDOG_ROLE} PASSWORD '{literal}'")
     return pg
 
 
@@ -77,14 +84,15 @@ def password_file(tmp_path: Path) -> Path:
 def reachable(cluster: TempCluster, tmp_path: Path, password_file: Path,
               sentry: SentryEndpoint) -> Path:
     where = f"127.0.0.1:{cluster.port}/postgres"
+    role = {name: role for name, (role, _) in ROLES.items()}
     return write_config(tmp_path / "reachable.yaml", [
-        {"name": "main", "dsn": f"postgresql://{WATCHDOG_ROLE}:{DSN_SECRET}@{where}",
+        {"name": "main", "dsn": f"postgresql://{role['main']}:{DSN_SECRET}@{where}",
          "password_file": str(password_file), "interval": "500ms"},
-        {"name": "encoded", "dsn": f"postgresql://{WATCHDOG_ROLE}:{ENCODED_SECRET}@{where}"},
+        {"name": "encoded", "dsn": f"postgresql://{role['encoded']}:{ENCODED_SECRET}@{where}"},
         {"name": "query-param",
-         "dsn": f"postgresql://{WATCHDOG_ROLE}@{where}?password={QUERY_SECRET}"},
+         "dsn": f"postgresql://{role['query-param']}@{where}?password={QUERY_SECRET}"},
         {"name": "keywords", "dsn": f"host=127.0.0.1 port={cluster.port} dbname=postgres"
-                                    f" user={WATCHDOG_ROLE} password='{KEYWORD_SECRET}'"},
+                                    f" user={role['keywords']} password='{KEYWORD_SECRET}'"},
     ], tmp_path / "audit.jsonl", sentry)
 
 
@@ -126,14 +134,14 @@ async def run_and_check(*args: str | Path, rc: int | tuple[int, ...]) -> str:
 
 
 async def run_service_briefly(config: Path, log: Path, until: Any) -> str:
-    """`pg-watchdog -v run` until ``until()`` holds (at most 15 s), then SIGTERM; its output."""
+    """`pg-watchdog -v run` until ``until()`` holds (at most 60 s), then SIGTERM; its output."""
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
             str(BIN), "-v", "run", "-c", str(config),
             env=cli_env(), stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
         )
     try:
-        for _ in range(150):
+        for _ in range(600):
             if until() or proc.returncode is not None:
                 break
             await asyncio.sleep(0.1)

@@ -1,7 +1,8 @@
 """One sweep against a real server: who dies, who is spared, what the audit log says.
 
 Thresholds are short (idle 2 s, idle in transaction 1 s); the old sessions age 2.5 s, the
-young one is opened right before the sweep, so every verdict is deterministic.
+young one is opened right before the sweep and kept young while the `pg-watchdog` process
+starts and looks (scenario.kept_young), so every verdict is deterministic.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from scenario import (
     check_record,
     idle_app_session,
     is_alive,
+    kept_young,
     open_old_sessions,
     open_young_sessions,
     policy_file,
@@ -83,8 +85,8 @@ async def test_one_sweep_terminates_exactly_the_victims(
         for name, pid in mix.pids.items():
             assert pid in before, name
 
-        await mix.spared["young"].execute("SELECT 1")  # 0 s idle as the sweep starts
-        summary = await _once(config)
+        async with kept_young(mix.spared["young"]):  # well under 2 s idle as the sweep looks
+            summary = await _once(config)
 
         # Exactly the two victims were acted on, both terminated.
         records = summary["records"]
@@ -144,9 +146,9 @@ async def test_dry_run_signals_nothing_and_matches_the_live_run(
         dry_sets: dict[str, set[int]] = {}
         n_logged = 0
         for label, config, extra in variants:
-            # The young session stays young: one statement resets its state_change.
-            await mix.spared["young"].execute("SELECT 1")
-            summary = await _once(config, *extra)
+            # The young session stays young: statements keep resetting its state_change.
+            async with kept_young(mix.spared["young"]):
+                summary = await _once(config, *extra)
             records = summary["records"]
             assert {r["outcome"] for r in records} == {"would_terminate"}, (label, records)
             dry_sets[label] = {r["pid"] for r in records}
@@ -164,8 +166,8 @@ async def test_dry_run_signals_nothing_and_matches_the_live_run(
                 if name not in ("young", "active"):
                     assert now[pid]["state_change"] == start[pid]["state_change"], (label, name)
 
-        await mix.spared["young"].execute("SELECT 1")
-        live = await _once(live_config)
+        async with kept_young(mix.spared["young"]):
+            live = await _once(live_config)
         live_pids = {r["pid"] for r in live["records"] if r["outcome"] == "terminated"}
         assert live_pids == {r["pid"] for r in live["records"]}
         assert live_pids == mix.victim_pids()
@@ -314,11 +316,11 @@ async def test_young_session_crosses_its_threshold_later(
     pg: TempCluster, admin: asyncpg.Connection, tmp_path: Path
 ) -> None:
     """The young session of the scenario is spared only because it is young."""
-    # 4 s: the first `once` must look before it crosses, even on a loaded machine.
     config = policy_file(tmp_path, pg, idle="4s")
     conn = await idle_app_session(pg, "billing-api")
     try:
-        first = await _once(config)
+        async with kept_young(conn):
+            first = await _once(config)
         assert first["records"] == []
         assert await is_alive(conn)
         await conn.execute("SELECT 1")

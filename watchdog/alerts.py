@@ -21,6 +21,7 @@ from watchdog.pooler import real_addr
 from watchdog.units import format_duration
 
 if TYPE_CHECKING:
+    from watchdog.forecast import Forecast, Grower
     from watchdog.model import Outcome, PoolerLink, Session
     from watchdog.prepared import PreparedXact
     from watchdog.sweep import SweepReport
@@ -246,6 +247,56 @@ class Alerts(SentryChannel):
                     "review": f"in database {x.database}: {x.rollback()}"
                     " (pg-watchdog never runs it)",
                 }
+            },
+        )
+
+    def exhaustion(self, report: SweepReport, fc: Forecast) -> None:
+        """The forecast fell within alerts.exhaustion_within: one error event per crossing,
+        naming the estimate and who grows fastest (the caller keeps the crossing state)."""
+        try:
+            self._exhaustion(report, fc)
+        except Exception:
+            log.exception("%s: alerting on the exhaustion forecast failed", report.target)
+
+    def _exhaustion(self, report: SweepReport, fc: Forecast) -> None:
+        target, eta = report.target, fc.eta_s or 0.0
+        growing = ", ".join(f"{g.name!r} {60 * g.rate:+.0f}/min" for g in fc.applications[:3])
+        plain = (
+            f"{target}: connection slots run out in ~{format_duration(eta)} at"
+            f" {60 * fc.rate:+.0f}/min ({fc.used}/{fc.capacity} ordinary slots used)"
+        )
+        message = plain + (f"; growing fastest: {growing}" if growing else "")
+        log.warning("%s (alerts.exhaustion_within %s)", message,
+                    format_duration(self.config.alerts.exhaustion_within))
+        if not report.leader:
+            return  # as for saturation: the instance that acts alerts, observers only log
+        details = self.config.alerts.sentry.send_session_details
+
+        def rates(growers: tuple[Grower, ...]) -> list[dict[str, Any]]:
+            return [{"name": g.name, "per_min": round(60 * g.rate, 1), "now": g.now}
+                    for g in growers]
+
+        self._capture(
+            message if details else plain,
+            "error",
+            fingerprint=["pg-watchdog", "exhaustion", target],
+            tags={"target": target, "kind": "exhaustion"},
+            contexts={
+                "pg_watchdog": {
+                    "server": report.server,
+                    "eta_s": round(eta, 1),
+                    "eta_slow_end_s": round(fc.slow_eta_s or 0.0, 1),
+                    "rate_per_min": round(60 * fc.rate, 1),
+                    "fitted_over_s": fc.window_s,
+                    "used": fc.used,
+                    "ordinary_slots": fc.capacity,
+                    "exhaustion_within_s": self.config.alerts.exhaustion_within,
+                    "behind_pooler": bool(report.snapshot.pooled),
+                }
+                # Application names and client addresses: what send_session_details governs.
+                | ({"growing_applications": rates(fc.applications),
+                    # Behind a pooler, the applications' own addresses rather than the pooler's.
+                    "growing_clients": rates(fc.clients)} if details else {})
             },
         )
 

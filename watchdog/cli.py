@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -47,11 +48,12 @@ def setup_logging(level: int) -> None:
 
 def _load(args: argparse.Namespace) -> Config:
     config = load_config(config_path(args.config))
-    from watchdog.pooler import psycopg_missing
+    from watchdog.preflight import PreflightError, require
 
-    if (missing := psycopg_missing(config)) is not None:
-        # Without it no pooled backend is recognised, and the pool's idle ones look leaked.
-        raise UserError(missing, EXIT_CONFIG)
+    try:
+        require(config)
+    except PreflightError as exc:
+        raise UserError(str(exc), EXIT_CONFIG) from None
     return config
 
 
@@ -61,6 +63,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
         f"{config.source}: ok ({len(config.targets)} targets, {len(config.policies)} policies"
         f"{', dry run' if config.dry_run else ''})"
     )
+    from watchdog.checks import never_acts
+
+    for line in never_acts(config):
+        print(f"pg-watchdog: warning: {line}", file=sys.stderr)
     if not args.connect:
         return EXIT_OK
     from watchdog.checks import check_targets
@@ -71,7 +77,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_once(args: argparse.Namespace) -> int:
     from watchdog.once import run_once
 
-    return asyncio.run(run_once(_load(args), dry_run=args.dry_run, as_json=args.json))
+    code, report = asyncio.run(run_once(_load(args), dry_run=args.dry_run, as_json=args.json))
+    try:
+        sys.stdout.write(report)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _reader_gone()  # all was done and alerted: only the report has no reader; same code
+    return code
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -100,6 +112,12 @@ def _cmd_advise(args: argparse.Namespace) -> int:
     from watchdog.advise.command import run_advise
 
     return run_advise(_load(args), args)
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from watchdog.init import run_init
+
+    return run_init(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -162,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     configure_advise(p)
     p.set_defaults(func=_cmd_advise, log_level=logging.WARNING)
 
+    p = sub.add_parser("init", help="look at a server; write a policy file fitted to it (dry run)")
+    from watchdog.init import configure_parser as configure_init
+
+    configure_init(p)
+    p.set_defaults(func=_cmd_init, log_level=logging.WARNING, config=None)
+
     p = sub.add_parser("demo", help="reproduce a connection-exhaustion incident and heal it")
     p.add_argument("--major", type=int, default=18, help="PostgreSQL major to run (default 18)")
     p.add_argument("--fast", action="store_true", help="shorter thresholds (for tests)")
@@ -169,12 +193,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reader_gone() -> None:
+    """stdout's reader went away (`| head -1`): send the rest, and the exit flush, nowhere."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _reader_gone()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `pg-watchdog` and `python -m watchdog`; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except BrokenPipeError:  # `pg-watchdog --help | head -1`
+        _reader_gone()
+        return EXIT_OK
+    except SystemExit:
+        _flush_stdout()
+        raise
     setup_logging(logging.DEBUG if args.verbose else args.log_level)
     try:
+        return _dispatch(args)
+    finally:
+        # Commands print into a buffer: a closed pipe shows up here, or at the exit flush.
+        _flush_stdout()
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    try:
         code: int = args.func(args)
+    except BrokenPipeError:
+        # The reader is gone. Every command writes its records and sends its alerts before it
+        # prints (see once.py), so nothing is left undone but output nobody reads.
+        _reader_gone()
+        return EXIT_OK
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG

@@ -30,7 +30,7 @@ from watchdog.yamlfields import (
     str_list,
     string,
 )
-from watchdog.yamlpos import ConfigError, YNode, load_yaml
+from watchdog.yamlpos import MAX_BYTES, ConfigError, YNode, load_yaml
 
 T = TypeVar("T")
 
@@ -127,6 +127,8 @@ class AlertsConfig:
     connections_above: float | None = 0.8
     pooler_wait_above: float = 1.0  # seconds a PgBouncer client may queue before an alert
     prepared_older_than: float = 3600.0  # seconds a prepared transaction may wait for 2PC
+    # Alert when the forecast says the ordinary slots run out sooner than this (seconds).
+    exhaustion_within: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,14 @@ def config_path(arg: str | None) -> str:
 def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate a policy file; ConfigError (one line) on any problem."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as f:
+            data = f.read(MAX_BYTES + 1)  # never more: the path may name /dev/zero
+        if len(data) > MAX_BYTES:
+            raise ConfigError(
+                path, 1, 1, "", f"the policy file is larger than {MAX_BYTES // 1024} KiB"
+                " (a policy file is a few KiB)"
+            )
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(path, 1, 1, "", f"cannot read policy file: {reason}") from None
@@ -418,12 +427,17 @@ def _sentry(node: YNode) -> SentryConfig:
 
 
 def _alerts(node: YNode) -> AlertsConfig:
-    f = mapping(node, ("sentry", "connections_above", "pooler_wait_above", "prepared_older_than"))
+    f = mapping(
+        node,
+        ("sentry", "connections_above", "pooler_wait_above", "prepared_older_than",
+         "exhaustion_within"),
+    )
     return AlertsConfig(
         sentry=opt(f, "sentry", _sentry, SentryConfig()),
         connections_above=opt(f, "connections_above", percent, 0.8),
         pooler_wait_above=opt(f, "pooler_wait_above", duration, 1.0),
         prepared_older_than=opt(f, "prepared_older_than", duration, 3600.0),
+        exhaustion_within=opt(f, "exhaustion_within", duration, 600.0),
     )
 
 
@@ -432,7 +446,7 @@ def _metrics(node: YNode) -> MetricsConfig:
     listen = string(f["listen"])
     host, sep, port = listen.rpartition(":")
     if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-        raise f["listen"].error(f"{listen!r} is not HOST:PORT (e.g. 127.0.0.1:9187)")
+        raise f["listen"].error(f"{listen!r} is not HOST:PORT (e.g. 127.0.0.1:9654)")
     return MetricsConfig(host=host.strip("[]") or "127.0.0.1", port=int(port))
 
 

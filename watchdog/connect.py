@@ -45,7 +45,15 @@ _SERVER_SETTINGS = {
 
 
 class TargetError(Exception):
-    """A target cannot be reached or used; the message is safe to print."""
+    """A target cannot be reached or used; the message is safe to print.
+
+    ``report``: what a sweep interrupted by it had done already (signals that may have gone
+    out, recorded as such), for alerts and metrics; None when it signalled nothing.
+    """
+
+    def __init__(self, message: str, report: Any = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 _QUERY_PASSWORD = re.compile(r"(?:^|&)password=([^&]*)")
@@ -217,19 +225,25 @@ async def open_target(
     conn = await connect(target, timeout, settings)
     try:
         return conn, await server_address(conn)
-    except Exception as exc:
+    except BaseException as exc:
+        # Cancelled (shutdown, a reload, a timeout around us) as well as failed: nobody else
+        # holds this connection yet, so it goes here or leaks a server slot.
         conn.terminate()
+        if not isinstance(exc, Exception):
+            raise
         raise TargetError(describe_error(target, exc)) from None
 
 
 async def close_quietly(conn: Any) -> None:
-    """Close ``conn`` politely within 2 s, else drop it; never raises."""
+    """Close ``conn`` politely within 2 s, else drop it; raises only a cancellation."""
     if conn is None or conn.is_closed():
         return
     try:
         await asyncio.wait_for(conn.close(), 2)
-    except Exception:
+    except BaseException as exc:
         conn.terminate()
+        if not isinstance(exc, Exception):
+            raise  # cancelled: dropped all the same, and the cancellation goes on
 
 
 @contextlib.asynccontextmanager

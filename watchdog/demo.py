@@ -301,6 +301,8 @@ def run_demo(args: argparse.Namespace) -> int:
     except (Interrupted, KeyboardInterrupt, asyncio.CancelledError):
         print("\npg-watchdog demo: interrupted; cleaning up", file=sys.stderr, flush=True)
         code = 130
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): cleaned up below, then ended quietly by cli
     except (DemoError, ClusterError, OSError, asyncpg.PostgresError) as exc:
         print(f"pg-watchdog demo: {exc}", file=sys.stderr, flush=True)
         code = 1

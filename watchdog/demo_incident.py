@@ -73,6 +73,12 @@ class Incident:
             f"server on {c.host}:{c.port}: max_connections={MAX_CONNECTIONS}, "
             f"superuser_reserved_connections=3{reserved}; role watchdog has {grants}"
         )
+        # This runs on real database hosts: say why no other local user can get in.
+        self.say(
+            "logins over TCP need the server's random password (SCRAM), which the demo's "
+            "clients read from a private passfile; its Unix socket is open to "
+            f"{c.os_user or 'this user'} alone"
+        )
         return c
 
     async def connect(self, user: str, app: str) -> Any:

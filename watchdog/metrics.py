@@ -20,6 +20,7 @@ from watchdog.config import STATES, Config
 from watchdog.health import Health, serve
 
 if TYPE_CHECKING:
+    from watchdog.forecast import Forecast
     from watchdog.sweep import SweepReport
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,13 @@ class Metrics:
             ["target"],
             registry=r,
         )
+        self.exhaustion_eta = Gauge(
+            "pg_watchdog_exhaustion_eta_seconds",
+            "Forecast: seconds until the ordinary slots run out at the current rate of growth;"
+            " absent while the client count is not growing.",
+            ["target"],
+            registry=r,
+        )
         self._pooler_gauges(r)
 
     def start(self, health: Health | None = None) -> None:
@@ -143,6 +151,7 @@ class Metrics:
             self.max_connections,
             self.slots,
             self.alert_ratio,
+            self.exhaustion_eta,
         ):
             metric.remove(target)  # a no-op for a series never written
         for state in states:
@@ -179,6 +188,15 @@ class Metrics:
             self.connections.labels(target, state).set(counts.get(state, 0))
         self.max_connections.labels(target).set(snap.max_connections)
         self.slots.labels(target).set(snap.capacity)
+
+    def exhaustion(self, target: str, fc: Forecast | None) -> None:
+        """The forecast's estimate, or no series while the counts are not growing."""
+        if not self.enabled:
+            return
+        if fc is not None and fc.eta_s is not None:
+            self.exhaustion_eta.labels(target).set(round(fc.eta_s, 1))
+        else:
+            self.exhaustion_eta.remove(target)
 
     # -- PgBouncer pools (targets with poolers) -------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import sys
 from typing import Any
 
@@ -13,6 +14,7 @@ from watchdog.config import Config, Target
 from watchdog.connect import TargetError, describe_error, target_session
 from watchdog.escape import json_text, log_text
 from watchdog.pooler_watch import PoolerWatch
+from watchdog.preflight import open_audit
 from watchdog.review_render import write_table
 from watchdog.sweep import SweepReport, sweep_target
 from watchdog.units import format_duration
@@ -59,8 +61,12 @@ def _summary(report: SweepReport) -> dict[str, Any]:
     }
 
 
-async def run_once(config: Config, dry_run: bool = False, as_json: bool = False) -> int:
-    """Sweep each target once, concurrently; 1 if any target failed. Alerts as `run` does."""
+async def run_once(
+    config: Config, dry_run: bool = False, as_json: bool = False
+) -> tuple[int, str]:
+    """Sweep each target once, concurrently, and alert as `run` does; then the exit code (1 if
+    any target failed) and the report to print. Records and alerts are out before it returns:
+    a reader that goes away (`| head -1`) can cost nothing but output."""
     alerts = Alerts(config)
     try:
         return await _sweep_all(config, alerts, dry_run, as_json)
@@ -73,12 +79,13 @@ async def run_once(config: Config, dry_run: bool = False, as_json: bool = False)
         alerts.close(FLUSH_AT_EXIT)
 
 
-async def _sweep_all(config: Config, alerts: Alerts, dry_run: bool, as_json: bool) -> int:
+async def _sweep_all(
+    config: Config, alerts: Alerts, dry_run: bool, as_json: bool
+) -> tuple[int, str]:
     audit = AuditLog(config.audit.path)
     try:
-        await asyncio.to_thread(audit.recover)
         # Fail closed before touching any server: a sweep that cannot record must not act.
-        await asyncio.to_thread(audit.check_writable)
+        await asyncio.to_thread(open_audit, config, audit)
         results = await asyncio.gather(
             *(_one(config, t, audit, dry_run) for t in config.targets), return_exceptions=True
         )
@@ -86,6 +93,7 @@ async def _sweep_all(config: Config, alerts: Alerts, dry_run: bool, as_json: boo
         await asyncio.to_thread(audit.close)
     failed = 0
     out: list[dict[str, Any]] = []
+    text = io.StringIO()
     for target, result in zip(config.targets, results, strict=True):
         if isinstance(result, BaseException):
             if not isinstance(result, TargetError | AuditError):
@@ -95,39 +103,42 @@ async def _sweep_all(config: Config, alerts: Alerts, dry_run: bool, as_json: boo
             alerts.trouble(kind, str(result), target.name, logged=False)
             alerts.checkin(target.name, "error")
             print(f"pg-watchdog: {log_text(str(result))}", file=sys.stderr)
-            done = result.report if isinstance(result, AuditError) else None
+            done = result.report  # signals that went out before the failure
             if done is not None:  # signals went out before the log failed: say what they did
                 alerts.swept(done)
                 out.append(_summary(done) | {"error": str(result)})
                 if not as_json:
-                    write_table(done.records, sys.stdout)
+                    write_table(done.records, text)
                 continue
             out.append({"target": target.name, "error": str(result)})
             continue
         alerts.swept(result)
         alerts.checkin(target.name, "ok", result.duration)
         out.append(_summary(result))
-        if not result.leader:
-            if not as_json:
-                print(
-                    f"{target.name} ({result.server}): another pg-watchdog instance holds "
-                    "the leader lock and acts here; this run acted on nothing"
-                )
-            continue
         if not as_json:
-            s = result.snapshot
-            print(
-                f"{target.name} ({result.server}): {s.used}/{s.capacity} ordinary slots used, "
-                f"{len(result.outcomes)} actions"
-                + (
-                    f", {result.decision.over_limit} left for the next sweep"
-                    if result.decision.over_limit
-                    else ""
-                )
-                + f" in {format_duration(result.duration)}"
-            )
-            if result.records:
-                write_table(result.records, sys.stdout)
+            _describe(target, result, text)
     if as_json:
-        print(json_text({"targets": out}, indent=2))
-    return 1 if failed else 0
+        text.write(json_text({"targets": out}, indent=2) + "\n")
+    return (1 if failed else 0), text.getvalue()
+
+
+def _describe(target: Target, result: SweepReport, text: io.StringIO) -> None:
+    if not result.leader:
+        text.write(
+            f"{target.name} ({result.server}): another pg-watchdog instance holds "
+            "the leader lock and acts here; this run acted on nothing\n"
+        )
+        return
+    s = result.snapshot
+    text.write(
+        f"{target.name} ({result.server}): {s.used}/{s.capacity} ordinary slots used, "
+        f"{len(result.outcomes)} actions"
+        + (
+            f", {result.decision.over_limit} left for the next sweep"
+            if result.decision.over_limit
+            else ""
+        )
+        + f" in {format_duration(result.duration)}\n"
+    )
+    if result.records:
+        write_table(result.records, text)

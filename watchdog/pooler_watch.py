@@ -147,6 +147,11 @@ class PoolerWatch:
         self._held = {p.name: _Held(p) for p in target.poolers}
         self.health_every = max(GAP, target.interval)
 
+    def retarget(self, target: Target) -> None:
+        """The same poolers under a reloaded target (its interval paces the health reads)."""
+        self.target = target
+        self.health_every = max(GAP, target.interval)
+
     def up(self) -> dict[str, bool]:
         """Whether each pooler's connection is open."""
         return {name: h.up for name, h in self._held.items()}

@@ -255,3 +255,10 @@ PGBOUNCER_SOCKETS = "SHOW SOCKETS"
 PGBOUNCER_CONFIG = "SHOW CONFIG"
 PGBOUNCER_POOLS = "SHOW POOLS"
 PGBOUNCER_LISTS = "SHOW LISTS"
+
+# `init`: the login roles that are superusers (spared by exclude.superusers; named in the
+# file it writes). Names as bytes, as in SNAPSHOT.
+INIT_SUPERUSERS = """
+SELECT textsend(rolname::text) AS rolname FROM pg_roles
+WHERE rolsuper AND rolcanlogin ORDER BY rolname
+"""

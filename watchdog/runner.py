@@ -12,10 +12,17 @@ import asyncpg
 
 from watchdog import queries
 from watchdog.audit import AuditError, AuditLog
+from watchdog.audit_io import AUDIT_TIMEOUT
 from watchdog.config import Config, Target
-from watchdog.connect import TargetError, close_quietly, describe_error, open_target
+from watchdog.connect import (
+    TargetError,
+    close_quietly,
+    describe_error,
+    open_target,
+)
 from watchdog.pooler_watch import PoolerWatch
-from watchdog.sweep import SweepReport, sweep_target
+from watchdog.prepared import PreparedWatch, PreparedXact
+from watchdog.sweep import Progress, SweepReport, sweep_target
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +34,8 @@ _SERVER_TROUBLE = (
     OSError,
     TimeoutError,
 )
+# One small catalog read between two sweeps: a server too slow for it is the next sweep's news.
+PREPARED_TIMEOUT = 2.0
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 
@@ -38,6 +47,13 @@ def sweep_timeout(interval: float) -> float:
     milliseconds normally. Two intervals, within 5-20 s.
     """
     return min(max(2 * interval, 5.0), 20.0)
+
+
+def longest_sweep(interval: float) -> float:
+    """How long one sweep of the service may legitimately run: the server's timeout, plus the
+    audit log's own bounded waits (a backlog, the intents, the final records), which that
+    timeout does not count, plus the read of prepared transactions after it."""
+    return sweep_timeout(interval) + 3 * AUDIT_TIMEOUT + PREPARED_TIMEOUT
 
 
 class TargetRunner:
@@ -56,6 +72,10 @@ class TargetRunner:
         self.retry_at = 0.0
         self.last_error: str | None = None
         self.poolers = PoolerWatch(target) if target.poolers else None
+        # The DSN the open connection was made with (a reload may name another).
+        self._dsn = target.dsn
+        # Held by a sweep; a reload takes it to change the runner between two sweeps.
+        self._busy = asyncio.Lock()
 
     @property
     def leader(self) -> bool:
@@ -75,8 +95,10 @@ class TargetRunner:
             # the lock went with it.
             await self._drop()
         if time.monotonic() < self.retry_at:
-            raise TargetError(f"{self.target.name}: {self.last_error} (retrying)")
+            # The same message as the failed attempt: one outage, one alert.
+            raise TargetError(self.last_error or f"{self.target.name}: unreachable")
         try:
+            self._dsn = self.target.dsn
             self.conn, self.server = await open_target(self.target)
         except Exception as exc:
             await self._drop()
@@ -137,9 +159,15 @@ class TargetRunner:
 
     async def sweep(self, config: Config, audit: AuditLog, dry_run: bool) -> SweepReport:
         """Connect if needed, then sweep; TargetError or AuditError on failure."""
+        async with self._busy:
+            return await self._sweep(config, audit, dry_run)
+
+    async def _sweep(self, config: Config, audit: AuditLog, dry_run: bool) -> SweepReport:
         await self._ensure_connected()
         # Only an instance that may act competes; per-policy dry_run does not make it dry.
         dry = dry_run or config.dry_run
+        progress = Progress()
+        started = time.monotonic()
         try:
             # The budget is the server's: it stops while the audit log is written.
             async with asyncio.timeout(sweep_timeout(self.target.interval)) as budget:
@@ -156,6 +184,7 @@ class TargetRunner:
                     leader=self.leader or dry,
                     poolers=self.poolers,
                     budget=budget,
+                    progress=progress,
                 )
         except AuditError:
             raise  # the disk's trouble, not the server's: connection and lock stay
@@ -165,7 +194,85 @@ class TargetRunner:
                 log.exception("%s: sweep failed", self.target.name)
             self.last_error = describe_error(self.target, exc)
             await self._drop()
-            raise TargetError(self.last_error) from None
+            # Signals that may have gone out before the trouble still reach alerts and metrics.
+            done = progress.report if progress.report and progress.report.outcomes else None
+            if done is not None:
+                done.duration = time.monotonic() - started
+            raise TargetError(self.last_error, done) from None
+
+    # -- reload -------------------------------------------------------------------------
+
+    @property
+    def switch_pending(self) -> bool:
+        """Whether the held connection was made with another DSN than the target's (a reload
+        could not get in with the new one): the next reload tries again."""
+        return self.up and self._dsn != self.target.dsn
+
+    async def update(self, target: Target, lock_key: int) -> None:
+        """Apply a reloaded ``target`` between two sweeps, never cancelling one.
+
+        Interval, poolers and password_file change in place: the held connection (already
+        logged in; the DSN names the role) and the leader lock stay. A new DSN is opened
+        first and replaces the held connection only once it is in (make-before-break).
+        """
+        if target.dsn != self._dsn and self.up:
+            await self._switch(target, lock_key)
+        async with self._busy:
+            if target.poolers != self.target.poolers:
+                if self.poolers is not None:
+                    await self.poolers.close()
+                self.poolers = PoolerWatch(target) if target.poolers else None
+            elif self.poolers is not None:
+                self.poolers.retarget(target)
+            if target.dsn != self.target.dsn or target.password_file != self.target.password_file:
+                self.retry_at = 0.0  # new settings: the next sweep tries them at once
+            self.target = target
+
+    async def _switch(self, target: Target, lock_key: int) -> None:
+        try:
+            conn, server = await open_target(target)
+        except TargetError as exc:
+            log.warning(
+                "%s; the reload keeps the connection to %s (the new dsn is used when it"
+                " reconnects)",
+                exc,
+                self.server,
+            )
+            return
+        async with self._busy:
+            old, held = self.conn, self.leader
+            key = self._lock[1] if self._lock is not None else lock_key
+            self.conn, self.server, self._dsn, self._lock = conn, server, target.dsn, None
+            if held:
+                # Handed over at once: released here, taken there, before another instance's
+                # next try (on another server the lock there is a different one anyway).
+                try:
+                    await old.fetchval(queries.UNLOCK, key)
+                    if await conn.fetchval(queries.TRY_LEAD, key):
+                        self._lock = (conn, key)
+                except Exception as exc:  # the next sweep tries for the lock again
+                    log.warning("%s (handing over the leader lock)", describe_error(target, exc))
+            await close_quietly(old)
+            if self._lock is None:
+                self._role = ""
+            log.info(
+                "%s: reload: now connected to %s; the previous connection closed after the new"
+                " one was in%s",
+                target.name,
+                server,
+                " (leader lock carried over)" if self._lock is not None else "",
+            )
+
+    async def prepared(self, watch: PreparedWatch) -> tuple[PreparedXact, ...] | None:
+        """The prepared transactions, read between two sweeps on the held connection when
+        due (see PreparedWatch.poll); a reload waits for it as for a sweep."""
+        async with self._busy:
+            return await watch.poll(self.conn, self.target.interval, PREPARED_TIMEOUT)
+
+    async def retire(self) -> None:
+        """Close, once a sweep in flight has finished (a target removed by a reload)."""
+        async with self._busy:
+            await self.close()
 
     async def close(self) -> None:
         """Close the held connections (the target's and its poolers')."""

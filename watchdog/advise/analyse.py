@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from watchdog.advise import own, prepared, server, timeouts
 from watchdog.advise.findings import Finding, Record, Window, group, sort_findings
+from watchdog.advise.forecast import exhaustion_forecast
 from watchdog.advise.leak import leak
 from watchdog.advise.look import Look
 from watchdog.config import Config
@@ -17,15 +18,18 @@ def analyse(
     looks: Mapping[str, Look | None],
     window: Window,
     targets: Sequence[str],
+    forecasts: Sequence[Record] = (),
 ) -> list[Finding]:
     """Every finding for ``targets``: ``looks`` maps a target to its Look, or to None (or
-    nothing) when it could not be reached (then only the audit log speaks for it)."""
+    nothing) when it could not be reached (then only the audit log speaks for it);
+    ``forecasts`` are the exhaustion forecast's records (watchdog/forecast_log.py)."""
     policies = {p.name: p for p in config.policies}
     by_target = group(records, "target")
     found: list[Finding] = []
     for name in targets:
         mine = by_target.get((name,), [])
         found += leak(name, mine, window, policies)
+        found += exhaustion_forecast(name, forecasts, config)
         found += own.max_per_sweep(name, mine, config)
         found += own.dry_run_left_on(name, mine, config, window)
         found += own.policy_unused(name, mine, config, window)

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
+from watchdog import forecast_log
 from watchdog.advise.analyse import analyse
 from watchdog.advise.findings import Finding, Record, Window
 from watchdog.advise.look import Look, take_look
@@ -120,10 +121,15 @@ def run_advise(config: Config, args: argparse.Namespace) -> int:
         _warn(f"cannot read audit log {e.filename or path}: {e.strerror or e}")
         code = EXIT_TARGET
     window = Window(max(start, since) if start is not None else None, now)
+    forecasts: list[Record] = []
+    try:
+        forecasts = list(forecast_log.read(forecast_log.forecast_path(path), set(wanted), since))
+    except OSError as e:
+        _warn(f"cannot read the forecast records: {e.strerror or e}")
     looked = asyncio.run(_looks(config, wanted))
     errors = {n: str(v) for n, v in looked.items() if isinstance(v, TargetError)}
     looks: dict[str, Look | None] = {n: v for n, v in looked.items() if isinstance(v, Look)}
-    findings = analyse(config, records, looks, window, wanted)
+    findings = analyse(config, records, looks, window, wanted, forecasts)
     notes = {n: list(v.notes) for n, v in looks.items() if v is not None and v.notes}
     if args.json:
         doc = {

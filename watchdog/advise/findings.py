@@ -25,6 +25,7 @@ MIN_SHARE = 1 / 3  # of the target's kills (of that kind): the one to fix first
 ORDER = (
     "stale_prepared",
     "leak",
+    "exhaustion_forecast",
     "idle_in_transaction_timeout",
     "transaction_timeout",
     "statement_timeout",
