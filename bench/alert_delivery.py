@@ -32,7 +32,7 @@ from benchlib import REPO, machine, setup_roles, table
 sys.path.insert(0, str(REPO / "tests"))
 from sentry_endpoint import SentryEndpoint
 
-from watchdog.tempcluster import TempCluster, start_cluster
+from watchdog.commands.demo.tempcluster import TempCluster, start_cluster
 
 ACTED = re.compile(r"^terminated (\d+) sessions? on main \(policy idle\)")
 POLICY = """

@@ -27,7 +27,7 @@ from typing import Any
 
 from benchlib import REPO, Holder, machine, median, raise_nofile, setup_roles, table
 
-from watchdog.tempcluster import TempCluster, start_cluster
+from watchdog.commands.demo.tempcluster import TempCluster, start_cluster
 
 THRESHOLD = 1.0
 APP = "bench-victim"

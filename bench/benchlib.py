@@ -26,8 +26,10 @@ import asyncpg
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+if str(REPO / "tests") not in sys.path:  # temppooler, the suite's throwaway PgBouncers
+    sys.path.insert(1, str(REPO / "tests"))
 
-from watchdog.tempcluster import TempCluster  # noqa: E402
+from watchdog.commands.demo.tempcluster import TempCluster  # noqa: E402
 
 
 def cpu_model() -> str:

@@ -37,8 +37,8 @@ from partition import (
 )
 from scenario import setup_roles
 
-from watchdog import queries
-from watchdog.tempcluster import TempCluster, start_cluster
+from watchdog.commands.demo.tempcluster import TempCluster, start_cluster
+from watchdog.pg import queries
 
 
 async def _until(check: Callable[[], Awaitable[bool]], since: float, timeout: float) -> float:

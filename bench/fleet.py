@@ -48,7 +48,7 @@ import asyncpg
 from benchlib import REPO, machine, pct, raise_nofile, setup_roles, table
 from prometheus_client.parser import text_string_to_metric_families
 
-from watchdog.tempcluster import TempCluster, free_port, start_cluster
+from watchdog.commands.demo.tempcluster import TempCluster, free_port, start_cluster
 
 THRESHOLD = 5.0
 VICTIM_PERIOD = 8.0  # seconds between two victims on one victim target (jittered)

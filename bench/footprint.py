@@ -23,8 +23,8 @@ from pathlib import Path
 
 from benchlib import REPO, Holder, machine, setup_roles, table
 
-from watchdog import queries
-from watchdog.tempcluster import start_cluster
+from watchdog.commands.demo.tempcluster import start_cluster
+from watchdog.pg import queries
 
 INTERVAL = "250ms"
 SESSIONS = 100

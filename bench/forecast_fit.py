@@ -15,7 +15,7 @@ import time
 import tracemalloc
 from collections.abc import Callable
 
-from watchdog.forecast import HISTORY, Crossing, History, make_sample
+from watchdog.core.forecast import HISTORY, Crossing, History, make_sample
 
 WITHIN = 600.0
 

@@ -1,6 +1,6 @@
 """Fuzzing the policy-file loader: every input must load or fail as one clean line.
 
-Each case is a file fed to ``watchdog.config.load_config`` in-process. The only
+Each case is a file fed to ``watchdog.config.policy.load_config`` in-process. The only
 acceptable results are a Config, or a ConfigError whose text is one printable line
 starting with ``FILE:LINE:COL: `` (LINE within the file). Anything else, another
 exception or a malformed message, is a crash: a user would see a traceback or a
@@ -42,8 +42,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from watchdog.config import load_config  # noqa: E402
-from watchdog.yamlpos import ConfigError  # noqa: E402
+from watchdog.config.policy import load_config  # noqa: E402
+from watchdog.config.yamlpos import ConfigError  # noqa: E402
 
 BASE = (REPO / "policies" / "default.yaml").read_text(encoding="utf-8")
 # No variable the default file refers to is set: ${VAR:-default} takes its default.

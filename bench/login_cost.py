@@ -19,9 +19,9 @@ import time
 
 import asyncpg
 from benchlib import machine, median, pct, table
+from temppooler import start_pooler
 
-from watchdog.tempcluster import start_cluster
-from watchdog.temppooler import start_pooler
+from watchdog.commands.demo.tempcluster import start_cluster
 
 
 async def login_ms(dsn: str, runs: int) -> list[float]:

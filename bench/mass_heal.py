@@ -4,7 +4,7 @@ SQL run by psql on the same sessions, in the same run.
 A child process holds the victims. Each round, on one server, in turns (the order rotates
 between rounds):
 
-  sweep    the real ``watchdog.sweep.sweep_target`` of each checkout given by
+  sweep    the real ``watchdog.service.sweep.sweep_target`` of each checkout given by
            --watchdog-tree (default: this one), run by bench/heal_probe.py on the watchdog's
            own connection (role ``watchdog``, least privilege), warmed as a service's is, with
            the seed's rules (thresholds 1 s) and its audit log on disk (not tmpfs) so every
@@ -41,8 +41,8 @@ from typing import Any
 import asyncpg
 from benchlib import REPO, Holder, log_entries, machine, raise_nofile, setup_roles, table
 
-from watchdog import queries
-from watchdog.tempcluster import TempCluster, start_cluster
+from watchdog.commands.demo.tempcluster import TempCluster, start_cluster
+from watchdog.pg import queries
 
 THRESHOLD = 1.0
 APP = "bench-victim"

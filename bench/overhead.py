@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import REPO, Holder, machine, median, pct, raise_nofile, table
+from temppooler import TempPooler, start_pooler
 
-from watchdog.tempcluster import TempCluster, free_port, start_cluster
-from watchdog.temppooler import TempPooler, start_pooler
+from watchdog.commands.demo.tempcluster import TempCluster, free_port, start_cluster
 
 MODES = ("without", "default", "fast")
 SCRIPTS = {"select-only": ["-S"], "tpcb": []}

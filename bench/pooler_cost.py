@@ -5,10 +5,10 @@ child process holds N idle clients through PgBouncer, so PostgreSQL has N backen
 PgBouncer N clients plus N server connections (2N rows of SHOW SOCKETS). On the watchdog's
 own connections, interleaved, median of --runs each:
 
-  sweep          watchdog.sweep.sweep_target, dry run, nothing due, no pooler configured
+  sweep          watchdog.service.sweep.sweep_target, dry run, nothing due, no pooler configured
   sweep+pooler   the same target with the pooler (nothing near a threshold: no candidate, so
                  SHOW SOCKETS is not read; SHOW POOLS and LISTS once per interval)
-  read           one SHOW SOCKETS round trip, rows checked (watchdog.pooler.read_sockets)
+  read           one SHOW SOCKETS round trip, rows checked (watchdog.pgbouncer.console.read_sockets)
   attribute      matching the read's server sockets to the snapshot's backends
 
     .venv/bin/python bench/pooler_cost.py [--major 18] [--size 1000] [--runs 30]
@@ -33,16 +33,16 @@ from benchlib import (
     setup_roles,
     table,
 )
+from temppooler import start_pooler
 
-from watchdog.audit import AuditLog
-from watchdog.config import load_config
-from watchdog.connect import connect, server_address
-from watchdog.pooler import attribute, connect_pooler, max_client_conn, read_sockets
-from watchdog.pooler_watch import PoolerWatch
-from watchdog.snapshot import take_snapshot
-from watchdog.sweep import sweep_target
-from watchdog.tempcluster import start_cluster
-from watchdog.temppooler import start_pooler
+from watchdog.audit.log import AuditLog
+from watchdog.commands.demo.tempcluster import start_cluster
+from watchdog.config.policy import load_config
+from watchdog.pg.connect import connect, server_address
+from watchdog.pg.snapshot import take_snapshot
+from watchdog.pgbouncer.console import attribute, connect_pooler, max_client_conn, read_sockets
+from watchdog.pgbouncer.watch import PoolerWatch
+from watchdog.service.sweep import sweep_target
 
 
 async def measure(dsn: str, pooler_dsn: str, tmp: Path, runs: int) -> dict[str, Any]:

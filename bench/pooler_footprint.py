@@ -28,9 +28,9 @@ from benchlib import REPO, Holder, machine, raise_nofile, setup_roles, table
 sys.path.insert(0, str(REPO / "tests"))
 
 from sentry_endpoint import SentryEndpoint
+from temppooler import start_pooler
 
-from watchdog.tempcluster import free_port, start_cluster
-from watchdog.temppooler import start_pooler
+from watchdog.commands.demo.tempcluster import free_port, start_cluster
 
 CONFIG = """\
 targets:

@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from pgwire import fake_console
 
-from watchdog.config import PoolerConfig, Target
-from watchdog.pooler_watch import PoolerWatch
+from watchdog.config.policy import PoolerConfig, Target
+from watchdog.pgbouncer.watch import PoolerWatch
 
 MODES = ("good", "huge", "endless", "giant", "wrong-types", "hang")
 

@@ -2,7 +2,7 @@
 
 200 sessions go idle at evenly spread moments over 10 s (a child process runs
 ``pg_sleep(i * 0.05)`` on each, then leaves it idle); the policy terminates sessions idle
-longer than 5 s; the target's interval is 30 s. The real ``watchdog.service.Service`` runs
+longer than 5 s; the target's interval is 30 s. The real ``watchdog.service.scheduler.Service`` runs
 in this process, started before the sessions exist, in three schedulings:
 
   punctual         the Service as shipped (_next: sweep again just after the next crossing,
@@ -32,11 +32,11 @@ from typing import Any
 
 from benchlib import Holder, log_entries, machine, pct, setup_roles, table
 
-from watchdog import service as service_module
-from watchdog.config import load_config
-from watchdog.service import Service
-from watchdog.sweep import SweepReport
-from watchdog.tempcluster import TempCluster, start_cluster
+from watchdog.commands.demo.tempcluster import TempCluster, start_cluster
+from watchdog.config.policy import load_config
+from watchdog.service.scheduler import Service
+from watchdog.service.scheduler import scheduler as service_module
+from watchdog.service.sweep import SweepReport
 
 SESSIONS = 200
 SPREAD = 10.0

@@ -67,14 +67,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from watchdog import act as wd_act  # noqa: E402
-from watchdog import queries as wd_queries  # noqa: E402
-from watchdog import sweep as wd_sweep  # noqa: E402
-from watchdog.audit import AuditError, AuditLog  # noqa: E402
-from watchdog.config import load_config  # noqa: E402
-from watchdog.connect import TargetError  # noqa: E402
-from watchdog.runner import TargetRunner  # noqa: E402
-from watchdog.tempcluster import TempCluster, start_cluster  # noqa: E402
+from watchdog.audit.log import AuditError, AuditLog  # noqa: E402
+from watchdog.commands.demo.tempcluster import TempCluster, start_cluster  # noqa: E402
+from watchdog.config.policy import load_config  # noqa: E402
+from watchdog.pg import act as wd_act  # noqa: E402
+from watchdog.pg import queries as wd_queries  # noqa: E402
+from watchdog.pg.connect import TargetError  # noqa: E402
+from watchdog.service.runner import TargetRunner  # noqa: E402
+from watchdog.service.scheduler import sweep as wd_sweep  # noqa: E402
 
 APP = "soak"
 WATCHDOG_APP = "pg-watchdog"

@@ -1,4 +1,4 @@
-"""Redaction cost: watchdog.redact.redact on realistic statements and on hostile megabytes.
+"""Redaction cost: watchdog.text.redact.redact on realistic statements and on hostile megabytes.
 
 Each input is redacted --runs times (median printed), then its output once more (the second
 pass of an idempotent function). Sizes: a 1 kB statement (track_activity_query_size's
@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from benchlib import table
 
-from watchdog.redact import redact
+from watchdog.text.redact import redact
 
 REALISTIC = (
     "SELECT o.id, o.total, c.email FROM orders o JOIN customers c ON c.id = o.customer_id"

@@ -31,7 +31,7 @@ from notify_listener import NotifyListener
 from partition import LEADER_ADDR, LISTEN, Partition, allow_loopback, dsn_via
 from scenario import setup_roles
 
-from watchdog.tempcluster import TempCluster, start_cluster
+from watchdog.commands.demo.tempcluster import TempCluster, start_cluster
 
 
 async def _until(check: Callable[[], Awaitable[bool]], timeout: float = 60) -> None:

@@ -11,9 +11,9 @@ median of --runs of each, on the watchdog's own connection (role watchdog):
 
   client, end to end (ms):
     bare      conn.fetch("SELECT * FROM pg_stat_activity")
-    snapshot  watchdog.snapshot.take_snapshot (the one SNAPSHOT query, rows -> Sessions)
+    snapshot  watchdog.pg.snapshot.take_snapshot (the one SNAPSHOT query, rows -> Sessions)
     +decide   take_snapshot + decide(explain=False), as a sweep decides
-    sweep     watchdog.sweep.sweep_target, dry run, nothing due (= a sweep of `run`)
+    sweep     watchdog.service.sweep.sweep_target, dry run, nothing due (= a sweep of `run`)
   server, SNAPSHOT / bare read:
     once      EXPLAIN ANALYZE planning + execution, planned anew with the values bound
     run       EXPLAIN ANALYZE execution of the generic plan (asyncpg's prepared statement
@@ -41,13 +41,13 @@ from typing import Any
 
 from benchlib import REPO, Holder, machine, raise_nofile, setup_roles, table
 
-from watchdog.tempcluster import TempCluster, start_cluster
+from watchdog.commands.demo.tempcluster import TempCluster, start_cluster
 
 PROBE = Path(__file__).resolve().with_name("sweep_probe.py")
 
 
 def has_pg_stat_statements(major: int) -> bool:
-    from watchdog.tempcluster import find_bindir
+    from watchdog.commands.demo.tempcluster import find_bindir
 
     return (find_bindir(major).parent / "lib" / "pg_stat_statements.so").exists() or Path(
         f"/usr/lib/postgresql/{major}/lib/pg_stat_statements.so"

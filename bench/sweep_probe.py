@@ -28,13 +28,13 @@ sys.path.insert(0, str(TREE))  # before any import of watchdog: measure that che
 import asyncpg  # noqa: E402
 
 from watchdog import queries  # noqa: E402
-from watchdog import snapshot as snapshot_module  # noqa: E402
-from watchdog.audit import AuditLog  # noqa: E402
-from watchdog.config import load_config  # noqa: E402
-from watchdog.connect import connect, server_address  # noqa: E402
-from watchdog.decide import decide  # noqa: E402
-from watchdog.snapshot import take_snapshot  # noqa: E402
-from watchdog.sweep import sweep_target  # noqa: E402
+from watchdog.audit.log import AuditLog  # noqa: E402
+from watchdog.config.policy import load_config  # noqa: E402
+from watchdog.core.decide import decide  # noqa: E402
+from watchdog.pg import snapshot as snapshot_module  # noqa: E402
+from watchdog.pg.connect import connect, server_address  # noqa: E402
+from watchdog.pg.snapshot import take_snapshot  # noqa: E402
+from watchdog.service.sweep import sweep_target  # noqa: E402
 
 BARE = "SELECT * FROM pg_stat_activity"
 

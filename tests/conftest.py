@@ -6,7 +6,7 @@ binary of each PgBouncer version (ids ``pgbouncer1.18``, ``pgbouncer1.24``), res
 ``PG_WATCHDOG_TEST_PGBOUNCERS=1.24``. A server that cannot start fails the test with the
 ClusterError message; it is never skipped. TCP logins to these servers need their random
 passwords: every client finds them through PGPASSFILE, exported here before any test module
-copies the environment (see watchdog.tempauth).
+copies the environment (see watchdog.commands.demo.tempauth).
 """
 
 from __future__ import annotations
@@ -20,10 +20,16 @@ import asyncpg
 import pytest
 from helpers import connect
 from scenario import kill_leftovers, setup_roles
+from temppooler import find_pgbouncer
 
-from watchdog.tempauth import passfile
-from watchdog.tempcluster import ClusterError, TempCluster, find_bindir, run_as_user, start_cluster
-from watchdog.temppooler import find_pgbouncer
+from watchdog.commands.demo.tempauth import passfile
+from watchdog.commands.demo.tempcluster import (
+    ClusterError,
+    TempCluster,
+    find_bindir,
+    run_as_user,
+    start_cluster,
+)
 
 passfile()
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 
 def write_config(

@@ -18,8 +18,8 @@ from typing import Any
 import asyncpg
 from helpers import connect, proxy_login
 
-from watchdog.journal import journals
-from watchdog.tempcluster import TempCluster
+from watchdog.audit.journal import journals
+from watchdog.commands.demo.tempcluster import TempCluster
 
 VICTIM_APP = "victim"
 OUTCOMES = {

@@ -9,9 +9,9 @@ from typing import Any
 
 import asyncpg
 
-from watchdog import tempauth
-from watchdog.tempcluster import TempCluster
-from watchdog.tempcluster import free_port as _free_port
+from watchdog.commands.demo import tempauth
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import free_port as _free_port
 
 
 async def connect(cluster: TempCluster, user: str = "postgres",
@@ -70,7 +70,7 @@ async def sweeps_ran(cluster: TempCluster, n: int, timeout: float = 60) -> None:
     statement gets a new query_start in pg_stat_activity; they are polled every 20 ms,
     far more often than the 250 ms floor between two sweeps of one target.
     """
-    from watchdog import queries
+    from watchdog.pg import queries
 
     conn = await connect(cluster, "postgres", "psql")
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import subprocess
 from types import TracebackType
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 LEADER_ADDR = "127.0.0.2"
 FOLLOWER_ADDR = "127.0.0.3"

@@ -3,7 +3,8 @@
 The client: neither asyncpg nor libpq can bind the source address of a connection. Behind
 PgBouncer the tests need clients with a known, distinct address (127.0.0.3 while PgBouncer
 reaches PostgreSQL from 127.0.0.1), and the exact socket address to compare with the audit
-record. SCRAM-SHA-256 (the password from this process's passfile, see watchdog.tempauth) or
+record. SCRAM-SHA-256 (the password from this process's passfile, see
+watchdog.commands.demo.tempauth) or
 trust; simple query protocol only.
 
 The console (``FakeConsole``, run as its own process): it answers the SHOW commands the
@@ -30,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from watchdog import tempauth
+from watchdog.commands.demo import tempauth
 
 
 class WireError(Exception):

@@ -12,8 +12,8 @@ from pathlib import Path
 from daemon import Daemon, audit_records, backend_alive
 from helpers import connect, wait_for
 
-from watchdog import queries
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.pg import queries
 
 # Nothing listens on 127.0.0.2 (sessions come from 127.0.0.1, so none is the pooler's).
 DOWN_POOLER = "postgresql://watchdog@127.0.0.2:6432/pgbouncer"

@@ -21,8 +21,8 @@ import asyncpg
 import yaml
 from helpers import connect, wait_for
 
-from watchdog import queries
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.pg import queries
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent / "pg-watchdog"
@@ -131,7 +131,7 @@ def policy_file(
 
 def cli_env() -> dict[str, str]:
     """The environment for a pg-watchdog subprocess: no libpq, systemd or Sentry leakage, but
-    the passfile of the throwaway servers (PGPASSFILE, see watchdog.tempauth)."""
+    the passfile of the throwaway servers (PGPASSFILE, see watchdog.commands.demo.tempauth)."""
     drop = ("PG", "NOTIFY_SOCKET", "WATCHDOG_", "SENTRY_", "JOURNAL_STREAM", "LISTEN_")
     return {k: v for k, v in os.environ.items() if not k.startswith(drop) or k == "PGPASSFILE"}
 

@@ -1,4 +1,4 @@
-"""watchdog.act against a real server: only explicit signals, and confirmation by whole pairs.
+"""watchdog.pg.act against a real server: only explicit signals, and confirmation by whole pairs.
 
 Actions are crafted by hand from a real snapshot and passed straight to ``execute`` (or its
 confirmation look), the way a sweep would, without decide() in between.
@@ -18,10 +18,10 @@ import pytest
 from helpers import connect, wait_for
 from scenario import APP_ROLE, WATCHDOG_ROLE
 
-from watchdog.act import execute, still_there
-from watchdog.model import Action, Session
-from watchdog.snapshot import take_snapshot
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.core.model import Action, Session
+from watchdog.pg.act import execute, still_there
+from watchdog.pg.snapshot import take_snapshot
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import yaml
 from helpers import connect, free_port, wait_for
 from scenario import is_alive, policy_file, read_audit, run_cli, setup_roles
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 IIT_FINDING = "idle_in_transaction_timeout"
 FIELDS = ("id", "severity", "target", "subject", "evidence", "fix")

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from watchdog.advise.analyse import analyse
-from watchdog.advise.findings import Finding, Window, nice_value
-from watchdog.advise.look import LiveSession, Look, pg_ms
-from watchdog.config import Config, Limits, Policy, Target
-from watchdog.prepared import PreparedXact
+from watchdog.commands.advise.analyse import analyse
+from watchdog.commands.advise.findings import Finding, Window, nice_value
+from watchdog.commands.advise.look import LiveSession, Look, pg_ms
+from watchdog.config.policy import Config, Limits, Policy, Target
+from watchdog.pg.prepared import PreparedXact
 
 NOW = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
 IIT = "idle in transaction"

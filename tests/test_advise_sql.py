@@ -17,7 +17,7 @@ import pytest
 from helpers import connect, wait_for
 from scenario import policy_file, read_audit, run_cli, setup_roles
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 ROLES = ["all", "current_user", "User", "with space", '"quoted"']
 DATABASE = "table"

@@ -23,7 +23,7 @@ import yaml
 from helpers import connect, wait_for
 from scenario import policy_file, read_audit, run_cli, setup_roles
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 ROLE = "busy"
 LONG_XACT = {

@@ -1,4 +1,4 @@
-"""watchdog.alerts with the real sentry-sdk posting to a local endpoint, against real servers.
+"""watchdog.alerts.hub with the real sentry-sdk posting to a local endpoint, against real servers.
 
 Every test's endpoint is checked at teardown: no envelope may hold a target's
 password, whether from the DSN or from a password_file.
@@ -20,16 +20,16 @@ from helpers import connect, free_port, wait_for
 from sentry_endpoint import SentryEndpoint
 
 from watchdog import __version__
-from watchdog.alerts import Alerts
-from watchdog.alerts_sentry import monitor_slug
-from watchdog.audit import AuditError, AuditLog
-from watchdog.config import Config, load_config
-from watchdog.connect import TargetError, server_address
-from watchdog.connect import connect as connect_target
-from watchdog.decide import decide
-from watchdog.snapshot import take_snapshot
-from watchdog.sweep import SweepReport, sweep_target
-from watchdog.tempcluster import TempCluster
+from watchdog.alerts.hub import Alerts
+from watchdog.alerts.sentry import monitor_slug
+from watchdog.audit.log import AuditError, AuditLog
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.config.policy import Config, load_config
+from watchdog.core.decide import decide
+from watchdog.pg.connect import TargetError, server_address
+from watchdog.pg.connect import connect as connect_target
+from watchdog.pg.snapshot import take_snapshot
+from watchdog.service.sweep import SweepReport, sweep_target
 
 PASSWORD = "S3cret:Pw/1"  # the watchdog's roles' own (SCRAM checks it); never in Sentry
 FILE_SECRET = "F1leS3cretPw"

@@ -19,7 +19,7 @@ from helpers import connect, free_port, wait_for
 from scenario import APP_ROLE, run_cli, setup_roles
 from sentry_endpoint import SentryEndpoint
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 STORM = 20.0  # seconds of victims
 ARRIVAL = 0.3  # a new idle session of role app this often

@@ -25,7 +25,7 @@ from scenario import (
     stop_process,
 )
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 
 def _missing_dir(tmp_path: Path) -> Path:

@@ -25,14 +25,14 @@ from scenario import (
     run_cli,
 )
 
-from watchdog.audit import AuditLog, make_record
-from watchdog.config import load_config
-from watchdog.decide import decide
-from watchdog.journal import journal_dir, journals
-from watchdog.model import Action, Outcome
-from watchdog.snapshot import take_snapshot
-from watchdog.sweep import sweep_target
-from watchdog.tempcluster import TempCluster
+from watchdog.audit.journal import journal_dir, journals
+from watchdog.audit.log import AuditLog, make_record
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.config.policy import load_config
+from watchdog.core.decide import decide
+from watchdog.core.model import Action, Outcome
+from watchdog.pg.snapshot import take_snapshot
+from watchdog.service.sweep import sweep_target
 
 TORN = b'{"ts": "2026-01-01T00:00:00.000Z", "target": "main", "policy": "id'
 

@@ -32,8 +32,8 @@ from scenario import (
 )
 from sentry_endpoint import SentryEndpoint
 
-from watchdog.journal import journals
-from watchdog.tempcluster import TempCluster
+from watchdog.audit.journal import journals
+from watchdog.commands.demo.tempcluster import TempCluster
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ from scenario import (
     run_cli,
 )
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 MARKER = "ROOT-ONLY-SECRET"
 USER_MARKER = "NOT-A-JOURNAL"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 from conftest import MAJORS, PGBOUNCERS
+from temppooler import PGBOUNCER, find_pgbouncer, pgbouncer_version
 
-from watchdog.tempcluster import BINARY_CACHE, ClusterError, find_bindir
-from watchdog.temppooler import PGBOUNCER, find_pgbouncer, pgbouncer_version
+from watchdog.commands.demo.tempcluster import BINARY_CACHE, ClusterError, find_bindir
 
 SCRIPT = Path(__file__).resolve().parent.parent / ".ci" / "test-binaries"
 

@@ -17,7 +17,7 @@ import pytest
 from helpers import connect, wait_for
 from scenario import APP_ROLE, is_alive, policy_file, read_audit, run_cli
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 IIT = ["idle in transaction", "idle in transaction (aborted)"]
 SHAPES = {

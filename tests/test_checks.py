@@ -11,7 +11,7 @@ from pathlib import Path
 
 from helpers import free_port
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 MakeCluster = Callable[..., TempCluster]
 # PGPASSFILE: the passfile of the throwaway servers (conftest exports it before this runs).

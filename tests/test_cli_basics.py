@@ -8,7 +8,7 @@ from pathlib import Path
 
 from scenario import BIN, REPO, cli_env, policy_file, setup_roles
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 COMMANDS = ("run", "once", "check", "status", "audit", "init", "demo")
 

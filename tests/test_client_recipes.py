@@ -4,8 +4,14 @@ application_name names the library. The recipes themselves are run in tests/test
 
 from __future__ import annotations
 
-from watchdog.advise.clients import CLIENTS, idle_threshold, margin_text, recipe_lines, recognise
-from watchdog.config import Policy
+from watchdog.commands.advise.clients import (
+    CLIENTS,
+    idle_threshold,
+    margin_text,
+    recipe_lines,
+    recognise,
+)
+from watchdog.config.policy import Policy
 
 IDLE = Policy("idle", frozenset({"idle"}), 600.0)
 QUICK_IDLE = Policy("idle-batch", frozenset({"idle"}), 120.0, users=("batch",))

@@ -30,8 +30,8 @@ from conftest import MAJORS
 from helpers import connect, wait_for
 from scenario import REPO, cli_env, policy_file, read_audit, run_cli, setup_roles
 
-from watchdog.advise.clients import CLIENTS, Client
-from watchdog.tempcluster import ClusterError, TempCluster, start_cluster
+from watchdog.commands.advise.clients import CLIENTS, Client
+from watchdog.commands.demo.tempcluster import ClusterError, TempCluster, start_cluster
 
 MAJOR = max(MAJORS)
 APPS = REPO / "tests" / "clients"

@@ -16,7 +16,7 @@ from daemon import Daemon, audit_records, write_config
 from helpers import connect, wait_for
 from scenario import setup_roles
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 THRESHOLD = 3.0

@@ -21,7 +21,7 @@ from faults import close_all, open_victims, pids_of
 from scenario import kill_leftovers, setup_roles
 from sentry_endpoint import SentryEndpoint
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 
 def closed_pipe_run(

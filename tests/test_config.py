@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from watchdog.config import (
+from watchdog.config.policy import (
     DEFAULT_CONFIG,
     MEASURED_FROM,
     STATES,
@@ -19,9 +19,9 @@ from watchdog.config import (
     config_path,
     load_config,
 )
-from watchdog.queries import LEADER_KEY
-from watchdog.units import format_duration, parse_duration
-from watchdog.yamlpos import ConfigError
+from watchdog.config.units import format_duration, parse_duration
+from watchdog.config.yamlpos import ConfigError
+from watchdog.pg.queries import LEADER_KEY
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_FILE = str(REPO / "policies" / "default.yaml")

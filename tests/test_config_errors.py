@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from watchdog.config import load_config
-from watchdog.yamlpos import ConfigError
+from watchdog.config.policy import load_config
+from watchdog.config.yamlpos import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = Path(__file__).resolve().parent / "invalid_configs"

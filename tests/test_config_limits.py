@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from watchdog.config import load_config
-from watchdog.yamlpos import MAX_BYTES, MAX_NODES, ConfigError
+from watchdog.config.policy import load_config
+from watchdog.config.yamlpos import MAX_BYTES, MAX_NODES, ConfigError
 
 CORPUS = Path(__file__).resolve().parent / "invalid_configs"
 VALID = """targets: [{name: main, dsn: "postgresql://watchdog@127.0.0.1:5432/postgres"}]
@@ -23,7 +23,7 @@ policies: [{name: idle, state: idle, longer_than: 10m}]
 _CHECK = """
 import sys
 from pathlib import Path
-from watchdog.cli import main
+from watchdog.commands.cli import main
 code = main(["check", "-c", sys.argv[1]])
 peak = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
 Path(sys.argv[2]).write_text(peak.split()[1])

@@ -13,10 +13,10 @@ import pytest
 from helpers import connect, proxy_login, wait_for
 from scenario import setup_roles
 
-from watchdog import queries
-from watchdog.config import Target
-from watchdog.connect import close_quietly, open_target
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.config.policy import Target
+from watchdog.pg import queries
+from watchdog.pg.connect import close_quietly, open_target
 
 
 class HoldingProxy:

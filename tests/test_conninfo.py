@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scenario import WATCHDOG_ROLE, run_cli, setup_roles
 
-from watchdog import conninfo
-from watchdog.config import Target
-from watchdog.connect import connect
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.config import conninfo
+from watchdog.config.policy import Target
+from watchdog.pg.connect import connect
 
 
 class _Option(ctypes.Structure):

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from scenario import APP_ROLE, idle_app_session, setup_roles
 from test_health import status
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy" / "container"

@@ -20,9 +20,9 @@ from helpers import connect, sweeps_ran, wait_for
 from notify_listener import NotifyListener
 from scenario import setup_roles
 
-from watchdog.config import load_config
-from watchdog.service import Service
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.config.policy import load_config
+from watchdog.service.scheduler import Service
 
 
 @pytest.fixture(scope="module")

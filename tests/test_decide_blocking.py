@@ -11,11 +11,11 @@ from datetime import timedelta
 import pytest
 from test_decide_table import NOW, TARGET, config, policy, session, snapshot, verdict_of
 
-from watchdog.audit import make_record
-from watchdog.blockers import blocking_map, describe
-from watchdog.config import Policy
-from watchdog.decide import decide
-from watchdog.model import Blocking, Outcome, Session
+from watchdog.audit.log import make_record
+from watchdog.config.policy import Policy
+from watchdog.core.blockers import blocking_map, describe
+from watchdog.core.decide import decide
+from watchdog.core.model import Blocking, Outcome, Session
 
 IIT = ("idle in transaction",)
 

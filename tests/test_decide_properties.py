@@ -5,7 +5,7 @@ rolsuper, excluded applications and addresses, LISTEN queries, parallel workers,
 watchdog's own pid, timestamps on and around the thresholds) and valid configurations
 (policies with states, thresholds, filters, exclusions (member_of too), `when`, dry_run, targets,
 max_per_sweep). The oracle below re-derives every rule (the policy file's and the safety
-invariants) without calling watchdog.decide's helpers; `decide()` must agree with it.
+invariants) without calling watchdog.core.decide's helpers; `decide()` must agree with it.
 
 Examples per run: 1,500 (the full oracle: safety, verdicts, first policy wins, limits,
 oldest first, next_due) + 400 (dry run from each source yields only dry actions) + 400
@@ -28,9 +28,9 @@ from typing import TypeVar
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from watchdog.config import Config, Exclusions, Limits, Policy, Target
-from watchdog.decide import decide
-from watchdog.model import Decision, Session, Snapshot
+from watchdog.config.policy import Config, Exclusions, Limits, Policy, Target
+from watchdog.core.decide import decide
+from watchdog.core.model import Decision, Session, Snapshot
 
 T = TypeVar("T")
 NOW = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from test_decide_properties import BIG, Case, Digits, cases, check_safety, expected
 from test_decide_table import TARGET, config, policy, session, snapshot
 
-from watchdog.decide import _WHO, _edge, decide
-from watchdog.model import ClientUnknown, Decision, PoolerClient, PoolerLink, Session
+from watchdog.core.decide import _WHO, _edge, decide
+from watchdog.core.model import ClientUnknown, Decision, PoolerClient, PoolerLink, Session
 
 EXAMPLES = int(os.environ.get("PG_WATCHDOG_DECIDE_EXAMPLES", "1500"))
 NOW = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)

@@ -1,4 +1,4 @@
-"""Table-driven tests of the pure decision (watchdog.decide.decide): one row per rule.
+"""Table-driven tests of the pure decision (watchdog.core.decide.decide): one row per rule.
 
 No server here: sessions are built by hand, so every rule that spares or acts on a
 session is pinned down exactly, including the edges (age equal to the threshold,
@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from watchdog.config import Config, Exclusions, Limits, Policy, Target
-from watchdog.decide import decide
-from watchdog.model import CLIENT_BACKEND, Decision, Session, Snapshot, Verdict
+from watchdog.config.policy import Config, Exclusions, Limits, Policy, Target
+from watchdog.core.decide import decide
+from watchdog.core.model import CLIENT_BACKEND, Decision, Session, Snapshot, Verdict
 
 NOW = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
 OWN_PID = 1

@@ -24,10 +24,10 @@ from scenario import (
     stop_process,
 )
 
-from watchdog.audit import AuditLog
-from watchdog.config import load_config
-from watchdog.sweep import sweep_target
-from watchdog.tempcluster import TempCluster
+from watchdog.audit.log import AuditLog
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.config.policy import load_config
+from watchdog.service.sweep import sweep_target
 
 
 async def test_dry_run_service_records_each_due_session_once(

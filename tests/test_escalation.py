@@ -13,13 +13,13 @@ import pytest
 from conftest import MAJORS, MakeCluster
 from helpers import connect
 
-from watchdog.audit import AuditLog
-from watchdog.config import load_config
-from watchdog.connect import connect as watchdog_connect
-from watchdog.connect import server_address
-from watchdog.decide import decide
-from watchdog.sweep import SweepReport, sweep_target
-from watchdog.tempcluster import TempCluster
+from watchdog.audit.log import AuditLog
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.config.policy import load_config
+from watchdog.core.decide import decide
+from watchdog.pg.connect import connect as watchdog_connect
+from watchdog.pg.connect import server_address
+from watchdog.service.sweep import SweepReport, sweep_target
 
 MAX_CONNECTIONS = 12
 

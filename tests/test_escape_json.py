@@ -7,7 +7,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from watchdog.escape import _JSON_UNSAFE, _json_escape, json_line, json_text
+from watchdog.text.escape import _JSON_UNSAFE, _json_escape, json_line, json_text
 
 VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()

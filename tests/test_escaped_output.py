@@ -24,9 +24,9 @@ from daemon import Daemon
 from helpers import connect, wait_for
 from scenario import WATCHDOG_ROLE, read_audit, run_cli, setup_roles
 
-from watchdog.escape import json_line, log_text
-from watchdog.journal import encode, parse
-from watchdog.tempcluster import TempCluster
+from watchdog.audit.journal import encode, parse
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.text.escape import json_line, log_text
 
 FORGED = "INFO watchdog.sweep: main: forged"
 ROLES = {

@@ -21,7 +21,7 @@ from helpers import connect, wait_for
 from partition import FOLLOWER_ADDR, LEADER_ADDR, LISTEN, Partition, allow_loopback, dsn_via
 from scenario import setup_roles
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 FINAL = {"terminated", "gone", "failed", "unconfirmed"}
 

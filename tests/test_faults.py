@@ -45,11 +45,10 @@ from faults import (
 from helpers import connect, sweeps_ran, wait_for
 from scenario import setup_roles
 
-from watchdog import runner
-from watchdog.config import load_config
-from watchdog.journal import journal_dir
-from watchdog.service import Service
-from watchdog.tempcluster import TempCluster
+from watchdog.audit.journal import journal_dir
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.config.policy import load_config
+from watchdog.service.scheduler import Service, runner
 
 PARAMS = pytest.mark.parametrize("major", MAJORS, ids=[f"pg{m}" for m in MAJORS])
 LAST = MAJORS[-1]

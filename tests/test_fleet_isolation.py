@@ -19,8 +19,8 @@ from helpers import connect, free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from scenario import setup_roles
 
-from watchdog.resolver import Resolver
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.service.resolver import Resolver
 
 NAMES = ("healthy", "flooded", "hung", "refusing")
 FLOOD = 15

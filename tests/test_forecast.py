@@ -1,4 +1,4 @@
-"""The exhaustion forecast's fit and crossing logic (watchdog/forecast.py): pure, fast, seeded.
+"""The exhaustion forecast's fit and crossing logic (watchdog/core/forecast.py): pure, fast, seeded.
 
 Series are sampled once a second, as the service samples a target swept every second.
 """
@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from watchdog.forecast import (
+from watchdog.core.forecast import (
     HISTORY,
     REARM_AFTER,
     Crossing,
@@ -22,7 +22,7 @@ from watchdog.forecast import (
     sample_of,
     theil_sen,
 )
-from watchdog.model import CLIENT_BACKEND, PoolerClient, PoolerLink, Session, Snapshot
+from watchdog.core.model import CLIENT_BACKEND, PoolerClient, PoolerLink, Session, Snapshot
 
 WITHIN = 600.0
 

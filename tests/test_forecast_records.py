@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from watchdog import forecast_log
-from watchdog.advise.findings import sort_findings
-from watchdog.advise.forecast import exhaustion_forecast
-from watchdog.config import AlertsConfig, parse_config
-from watchdog.forecast import Episode, Forecast, Grower
-from watchdog.forecast_render import forecast_json, forecast_line
-from watchdog.yamlpos import load_yaml
+from watchdog.audit import forecast_log
+from watchdog.commands.advise.findings import sort_findings
+from watchdog.commands.advise.forecast import exhaustion_forecast
+from watchdog.commands.forecast_render import forecast_json, forecast_line
+from watchdog.config.policy import AlertsConfig, parse_config
+from watchdog.config.yamlpos import load_yaml
+from watchdog.core.forecast import Episode, Forecast, Grower
 
 NOW = datetime(2026, 5, 1, 10, 0, tzinfo=UTC)
 LEAKY = Forecast(23, 57, 68.0, 69, eta_s=17.0, slow_eta_s=19.8, rate=2.0, window_s=10.0,
@@ -96,7 +96,7 @@ def test_advise_says_when_and_how_fast_it_filled_and_who_grew() -> None:
     crossed = forecast_log.crossed_record("main", "db:5432", LEAKY, 600.0, True, NOW)
     ended = forecast_log.ended_record("main", Episode(LEAKY, 57, 9.0, 0.0, 75.0),
                                       NOW + timedelta(seconds=75))
-    from watchdog.config import Config, Target
+    from watchdog.config.policy import Config, Target
 
     config = Config("p.yaml", (Target("main", "", None, 30.0),), ())
     [finding] = exhaustion_forecast("main", [ended, crossed], config)
@@ -114,7 +114,7 @@ def test_advise_says_when_and_how_fast_it_filled_and_who_grew() -> None:
 
 
 def test_advise_names_an_episode_with_no_end_and_one_that_never_filled() -> None:
-    from watchdog.config import Config, Target
+    from watchdog.config.policy import Config, Target
 
     config = Config("p.yaml", (Target("main", "", None, 30.0),), ())
     crossed = forecast_log.crossed_record("main", "s", LEAKY, 600.0, False, NOW)

@@ -25,8 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from scenario import BIN, cli_env, run_cli, setup_roles
 from sentry_endpoint import SentryEndpoint
 
-from watchdog.forecast_log import forecast_path
-from watchdog.tempcluster import ClusterError, TempCluster, start_cluster
+from watchdog.audit.forecast_log import forecast_path
+from watchdog.commands.demo.tempcluster import ClusterError, TempCluster, start_cluster
 
 LEAKY = "leaky-app"
 ETA = "pg_watchdog_exhaustion_eta_seconds"

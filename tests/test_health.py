@@ -14,7 +14,7 @@ from daemon import Daemon
 from helpers import free_port, sweeps_ran, wait_for
 from scenario import setup_roles
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 
 @pytest.fixture(scope="module")

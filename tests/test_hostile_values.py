@@ -28,7 +28,7 @@ import yaml
 from helpers import wait_for
 from scenario import WATCHDOG_ROLE, run_cli, setup_roles
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 # Quoted identifiers (SQL syntax: a doubled " inside) of the hostile roles and databases.
 HOSTILE_ROLES = {

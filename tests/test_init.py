@@ -19,10 +19,10 @@ from conftest import MakeCluster
 from helpers import connect, wait_for
 from scenario import run_cli, setup_roles
 
-from watchdog.config import load_config
-from watchdog.quoting import quote_ident
-from watchdog.tempcluster import TempCluster
-from watchdog.units import policy_duration as duration
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.config.policy import load_config
+from watchdog.config.units import policy_duration as duration
+from watchdog.text.quoting import quote_ident
 
 PASSWORD = "In1tS3cret!pw"  # the watchdog role's own here; it must never be written or printed
 APP = "orders-api"

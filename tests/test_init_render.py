@@ -12,16 +12,22 @@ from typing import Any
 import pytest
 import yaml
 
-from watchdog import conninfo
-from watchdog.config import parse_config
-from watchdog.init_dsn import without_secrets
-from watchdog.init_fit import alert_percent, escalation_percent, glob_exact, thresholds, tools
-from watchdog.init_look import AppSeen, Facts, Timeout
-from watchdog.init_render import Options, render, scalar
-from watchdog.managed import Role, RoleFacts
-from watchdog.units import parse_duration
-from watchdog.units import policy_duration as duration
-from watchdog.yamlpos import load_yaml
+from watchdog.commands.init.dsn import without_secrets
+from watchdog.commands.init.fit import (
+    alert_percent,
+    escalation_percent,
+    glob_exact,
+    thresholds,
+    tools,
+)
+from watchdog.commands.init.look import AppSeen, Facts, Timeout
+from watchdog.commands.init.render import Options, render, scalar
+from watchdog.config import conninfo
+from watchdog.config.policy import parse_config
+from watchdog.config.units import parse_duration
+from watchdog.config.units import policy_duration as duration
+from watchdog.config.yamlpos import load_yaml
+from watchdog.pg.managed import Role, RoleFacts
 
 HOSTILE = [
     "x\n  - evil",

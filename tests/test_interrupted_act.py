@@ -20,7 +20,7 @@ from helpers import free_port, wait_for
 from sentry_endpoint import SentryEndpoint
 from test_audit_stall import _metric
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from daemon import Daemon, audit_records, backend_alive, write_config
 from helpers import connect, wait_for
 from scenario import setup_roles
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 # PGPASSFILE: the passfile of the throwaway servers (conftest exports it before this runs).
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("PG") or k == "PGPASSFILE"}

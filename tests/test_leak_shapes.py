@@ -17,7 +17,7 @@ import asyncpg
 from helpers import connect, wait_for
 from scenario import policy_file, read_audit, run_cli, setup_roles
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 APP = "billing-worker"
 RESERVE = "SELECT id, total FROM invoices WHERE id = ID FOR UPDATE"

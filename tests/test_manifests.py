@@ -14,8 +14,8 @@ import pytest
 import yaml
 from kubernetes_validate.utils import ValidationError
 
-from watchdog.config import load_config
-from watchdog.health import HEALTHZ, READYZ
+from watchdog.alerts.health import HEALTHZ, READYZ
+from watchdog.config.policy import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "deploy" / "kubernetes"

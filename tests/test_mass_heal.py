@@ -14,13 +14,13 @@ import pytest
 from conftest import MAJORS, MakeCluster
 from helpers import connect
 
-from watchdog import queries
-from watchdog.audit import AuditLog
-from watchdog.config import load_config
-from watchdog.connect import connect as watchdog_connect
-from watchdog.connect import server_address
-from watchdog.sweep import sweep_target
-from watchdog.tempcluster import TempCluster
+from watchdog.audit.log import AuditLog
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.config.policy import load_config
+from watchdog.pg import queries
+from watchdog.pg.connect import connect as watchdog_connect
+from watchdog.pg.connect import server_address
+from watchdog.service.sweep import sweep_target
 
 VICTIMS = 500
 _ENTRY = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", re.MULTILINE)

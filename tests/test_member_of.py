@@ -18,9 +18,9 @@ import yaml
 from helpers import connect, wait_for
 from scenario import REPO, WATCHDOG_ROLE, is_alive, policy_file, read_audit, run_cli, setup_roles
 
-from watchdog.config import load_config
-from watchdog.snapshot import take_snapshot
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.config.policy import load_config
+from watchdog.pg.snapshot import take_snapshot
 
 IDLE = 2.0
 APP = "DBeaver 24.1"  # not psql: the shipped exclusions spare psql by application name

@@ -1,4 +1,4 @@
-"""watchdog.metrics: real sweeps on a real server, scraped over HTTP like Prometheus does."""
+"""watchdog.alerts.metrics: real sweeps on a real server, scraped over HTTP like Prometheus does."""
 
 from __future__ import annotations
 
@@ -16,15 +16,15 @@ from helpers import connect, free_port, wait_for
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from watchdog.audit import AuditLog
-from watchdog.config import Config, load_config
-from watchdog.connect import connect as connect_target
-from watchdog.connect import server_address
-from watchdog.decide import decide
-from watchdog.metrics import Metrics
-from watchdog.snapshot import take_snapshot
-from watchdog.sweep import SweepReport, sweep_target
-from watchdog.tempcluster import TempCluster
+from watchdog.alerts.metrics import Metrics
+from watchdog.audit.log import AuditLog
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.config.policy import Config, load_config
+from watchdog.core.decide import decide
+from watchdog.pg.connect import connect as connect_target
+from watchdog.pg.connect import server_address
+from watchdog.pg.snapshot import take_snapshot
+from watchdog.service.sweep import SweepReport, sweep_target
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -18,9 +18,9 @@ from helpers import connect, free_port, wait_for
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from scenario import setup_roles
+from temppooler import start_pooler
 
-from watchdog.tempcluster import TempCluster
-from watchdog.temppooler import start_pooler
+from watchdog.commands.demo.tempcluster import TempCluster
 
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "monitoring" / "pg-watchdog.rules.yml"

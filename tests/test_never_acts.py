@@ -13,10 +13,10 @@ from daemon import Daemon
 from helpers import sweeps_ran
 from scenario import setup_roles
 
-from watchdog.checks import never_acts
-from watchdog.config import Config, parse_config
-from watchdog.tempcluster import TempCluster
-from watchdog.yamlpos import load_yaml
+from watchdog.commands.check import never_acts
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.config.policy import Config, parse_config
+from watchdog.config.yamlpos import load_yaml
 
 ADMINS = (
     "policy 'p' never acts: every role its member_of selects (rds_superuser) is spared by"
@@ -101,7 +101,7 @@ def test_never_acts(policy: str, exclude: str, expected: str | None) -> None:
 
 
 def test_the_seed_policies_all_act() -> None:
-    from watchdog.config import load_config
+    from watchdog.config.policy import load_config
 
     seed = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
     assert never_acts(load_config(str(seed), environ={})) == []

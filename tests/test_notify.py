@@ -1,4 +1,4 @@
-"""watchdog.notify against real AF_UNIX datagram sockets (no systemd needed)."""
+"""watchdog.service.notify against real AF_UNIX datagram sockets (no systemd needed)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from notify_listener import NotifyListener, parse_message
 
-from watchdog.notify import Notifier
+from watchdog.service.notify import Notifier
 
 
 @pytest.fixture

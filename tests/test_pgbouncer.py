@@ -1,7 +1,7 @@
 """pg-watchdog in front of a real PgBouncer (Debian's 1.18, and 1.24 built from Debian 13's
 source: fixture ``pgbouncer``) in front of real PostgreSQL.
 
-The suite starts its own PgBouncers (watchdog.temppooler) with a generated ini: trust auth
+The suite starts its own PgBouncers (temppooler) with a generated ini: trust auth
 on loopback, the watchdog role in stats_users. Clients are tests/pgwire.WireClient, so each
 one's socket address is known (and can be 127.0.0.3 while PgBouncer reaches PostgreSQL from
 127.0.0.1).
@@ -26,18 +26,18 @@ from pgwire import WireClient
 from prometheus_client.parser import text_string_to_metric_families
 from scenario import APP_ROLE, kill_leftovers, policy_file, read_audit, setup_roles
 from sentry_endpoint import SentryEndpoint
+from temppooler import TempPooler, start_pooler
 
-from watchdog.alerts import Alerts
-from watchdog.audit import AuditLog
-from watchdog.config import Config, load_config
-from watchdog.connect import connect as connect_target
-from watchdog.connect import server_address
-from watchdog.decide import decide
-from watchdog.model import ClientUnknown, Verdict
-from watchdog.pooler_watch import PoolerWatch
-from watchdog.sweep import SweepReport, look, sweep_target
-from watchdog.tempcluster import ClusterError, TempCluster
-from watchdog.temppooler import TempPooler, start_pooler
+from watchdog.alerts.hub import Alerts
+from watchdog.audit.log import AuditLog
+from watchdog.commands.demo.tempcluster import ClusterError, TempCluster
+from watchdog.config.policy import Config, load_config
+from watchdog.core.decide import decide
+from watchdog.core.model import ClientUnknown, Verdict
+from watchdog.pg.connect import connect as connect_target
+from watchdog.pg.connect import server_address
+from watchdog.pgbouncer.watch import PoolerWatch
+from watchdog.service.sweep import SweepReport, look, sweep_target
 
 REAL_CLIENT = "127.0.0.3"  # a loopback address PgBouncer itself never uses towards PostgreSQL
 UNREADABLE = ClientUnknown.UNREADABLE

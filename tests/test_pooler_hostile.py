@@ -33,12 +33,12 @@ from scenario import (
 )
 from sentry_endpoint import SentryEndpoint
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 MakeCluster = Callable[..., TempCluster]
 
 # `once` and `run` take 45-60 MB here, with or without a pooler; on main a console streaming
-# rows took one `once` to 948 MB in 2 s. Every answer is capped (watchdog.pooler_read): at
+# rows took one `once` to 948 MB in 2 s. Every answer is capped (watchdog.pgbouncer.read): at
 # max_client_conn 200, 1,000 rows and 1 MB.
 MEMORY_BOUND_MB = 100
 # A console claiming max_client_conn 100,000 gets the largest caps: 200,000 rows (about 70 MB
@@ -106,7 +106,7 @@ def peak():
         kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
     print(f"peak-kb {kb}", file=sys.stderr)
 atexit.register(peak)
-from watchdog.cli import main
+from watchdog.commands.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

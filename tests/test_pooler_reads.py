@@ -24,6 +24,7 @@ from daemon import Daemon
 from helpers import free_port, sweeps_ran, wait_for
 from pgwire import WireClient
 from scenario import APP_ROLE
+from temppooler import TempPooler
 from test_pgbouncer import (
     REAL_CLIENT,
     MakePooler,
@@ -35,8 +36,7 @@ from test_pgbouncer import (
     write_policies,
 )
 
-from watchdog.tempcluster import TempCluster
-from watchdog.temppooler import TempPooler
+from watchdog.commands.demo.tempcluster import TempCluster
 
 # The PgBouncer fixtures of test_pgbouncer (and whatever versions they are run over).
 roles = test_pgbouncer.roles

@@ -21,15 +21,15 @@ from test_decide_table import (
     snapshot,
 )
 
-from watchdog.audit import make_record
-from watchdog.config import Exclusions, PoolerConfig, load_config
-from watchdog.decide import decide
-from watchdog.model import ClientUnknown, Outcome, PoolerClient, PoolerLink
-from watchdog.pooler import PoolerLook, Socket, attribute, psycopg_missing
-from watchdog.pooler_rows import POOLS, SOCKETS, AnswerError, Rows
-from watchdog.review import configure_parser, run
-from watchdog.yamlfields import cidr
-from watchdog.yamlpos import ConfigError, YNode
+from watchdog.audit.log import make_record
+from watchdog.commands.audit import configure_parser, run
+from watchdog.config.policy import Exclusions, PoolerConfig, load_config
+from watchdog.config.yamlfields import cidr
+from watchdog.config.yamlpos import ConfigError, YNode
+from watchdog.core.decide import decide
+from watchdog.core.model import ClientUnknown, Outcome, PoolerClient, PoolerLink
+from watchdog.pgbouncer.console import PoolerLook, Socket, attribute, psycopg_missing
+from watchdog.pgbouncer.rows import POOLS, SOCKETS, AnswerError, Rows
 
 # -- the policy file --------------------------------------------------------------------------
 
@@ -114,7 +114,7 @@ def test_without_psycopg_the_commands_say_how_to_get_it(tmp_path: Path, command:
 """ + POLICIES + f"audit: {{path: {tmp_path / 'audit.jsonl'}}}\n")
     # A None entry in sys.modules makes `import psycopg` fail as if it were not installed.
     code = (
-        "import sys; sys.modules['psycopg'] = None; from watchdog.cli import main;"
+        "import sys; sys.modules['psycopg'] = None; from watchdog.commands.cli import main;"
         f" sys.exit(main({[*command, '-c', str(path)]!r}))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -377,7 +377,7 @@ def test_a_backend_of_an_unreadable_pooler_is_spared_whatever_the_exclusions() -
 
 
 def test_candidates_are_judged_without_the_real_client() -> None:
-    from watchdog.candidates import candidates, horizon
+    from watchdog.core.candidates import candidates, horizon
 
     far = session(100, idle_for=60)  # 10 min policy: 9 min to go
     near = session(101, idle_for=590)  # 10 s to go: within a 30 s horizon

@@ -21,7 +21,7 @@ from scenario import APP_ROLE, read_audit, run_cli
 from sentry_endpoint import SentryEndpoint
 from test_pgbouncer import REAL_CLIENT, MakePooler, backend_where, sample, write_policies
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 # The PgBouncer fixtures of test_pgbouncer (and whatever versions they are run over).
 roles = test_pgbouncer.roles

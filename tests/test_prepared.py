@@ -18,7 +18,7 @@ from helpers import connect, wait_for
 from scenario import policy_file, run_cli, setup_roles, start_service, stop_process
 from sentry_endpoint import SentryEndpoint
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 MakeCluster = Callable[..., TempCluster]
 ODD = "it's \\ odd\nline"

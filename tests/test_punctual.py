@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from helpers import connect, wait_for
 
-from watchdog import queries
-from watchdog.config import load_config
-from watchdog.service import Service
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.config.policy import load_config
+from watchdog.pg import queries
+from watchdog.service.scheduler import Service
 
 THRESHOLD = 2.0
 INTERVAL = 30.0

@@ -24,12 +24,12 @@ from helpers import connect, wait_for
 from scenario import BIN, WATCHDOG_ROLE, cli_env, kill_leftovers, read_audit, run_cli, setup_roles
 from sentry_endpoint import SentryEndpoint
 
-from watchdog.audit import AuditError, AuditLog
-from watchdog.config import load_config
-from watchdog.connect import connect as connect_target
-from watchdog.connect import server_address
-from watchdog.sweep import sweep_target
-from watchdog.tempcluster import TempCluster
+from watchdog.audit.log import AuditError, AuditLog
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.config.policy import load_config
+from watchdog.pg.connect import connect as connect_target
+from watchdog.pg.connect import server_address
+from watchdog.service.sweep import sweep_target
 
 PASSWORD = "Sup3rS3cret!"
 CARD = "4111111111111111"

@@ -1,4 +1,4 @@
-"""watchdog.quoting against the real server's quote_ident() and quote_literal(), on every major.
+"""watchdog.text.quoting against the server's own quote_ident() and quote_literal(), every major.
 
 The keyword set comes from the server (queries.KEYWORDS), as advise and check read it; every
 keyword the major knows, and names that trip simpler rules, must come out byte for byte as the
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from helpers import connect
 
-from watchdog import queries
-from watchdog.quoting import quote_ident, quote_literal
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.pg import queries
+from watchdog.text.quoting import quote_ident, quote_literal
 
 NAMES = [
     "all", "current_user", "session_user", "user", "User", "with space", '"quoted"', "a$b",

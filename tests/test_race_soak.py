@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import MAJORS
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import race_soak

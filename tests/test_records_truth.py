@@ -22,10 +22,10 @@ import pytest
 from helpers import connect, wait_for
 from scenario import BIN, cli_env, idle_app_session, is_alive, policy_file, read_audit
 
-from watchdog import queries
-from watchdog.audit import AuditLog
-from watchdog.journal import journal_dir, journals
-from watchdog.tempcluster import TempCluster
+from watchdog.audit.journal import journal_dir, journals
+from watchdog.audit.log import AuditLog
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.pg import queries
 
 
 def _intent(pid: int, sweep: str) -> dict[str, Any]:

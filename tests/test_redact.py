@@ -1,4 +1,4 @@
-"""watchdog.redact: a table of statements, properties over generated SQL and hostile text.
+"""watchdog.text.redact: a table of statements, properties over generated SQL and hostile text.
 
 The properties: no literal's content (strings in every form, numbers, comments, the argument
 of PASSWORD) survives, under either reading of backslashes (standard_conforming_strings on
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from watchdog.redact import redact
+from watchdog.text.redact import redact
 
 TABLE = [
     # (query, redacted)

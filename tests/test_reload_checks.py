@@ -19,7 +19,7 @@ from reloading import killed, leader, policy
 from scenario import setup_roles
 from sentry_endpoint import SentryEndpoint
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 REJECTED = "reload rejected, keeping the running policies: "
 BOMB = Path(__file__).parent / "invalid_configs" / "yaml_alias_bomb.yaml"

@@ -33,8 +33,8 @@ from reloading import (
 )
 from scenario import setup_roles
 
-from watchdog.journal import journals
-from watchdog.tempcluster import TempCluster
+from watchdog.audit.journal import journals
+from watchdog.commands.demo.tempcluster import TempCluster
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from watchdog import review
-from watchdog.review import OUTCOMES, configure_parser, iter_records, parse_when, run
-from watchdog.review_render import human_age
-from watchdog.statements import shape
+from watchdog.audit.render import human_age
+from watchdog.commands import audit as review
+from watchdog.commands.audit import OUTCOMES, configure_parser, iter_records, parse_when, run
+from watchdog.text.statements import shape
 
 NOW = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
 HOSTILE_APP = "evil\n\x1b[31mred\x1b]0;pwned\x07\r\u202eabc\x9b2J\t'\"end"

@@ -20,8 +20,8 @@ from scenario import (
     stop_process,
 )
 
-from watchdog.journal import journals
-from watchdog.tempcluster import TempCluster
+from watchdog.audit.journal import journals
+from watchdog.commands.demo.tempcluster import TempCluster
 
 IDLE = 2.0
 INTERVAL = 1.0

@@ -21,7 +21,7 @@ import yaml
 from scenario import BIN, WATCHDOG_ROLE, cli_env, idle_app_session, run_cli, setup_roles
 from sentry_endpoint import SentryEndpoint
 
-from watchdog.tempcluster import TempCluster, free_port
+from watchdog.commands.demo.tempcluster import TempCluster, free_port
 
 DSN_SECRET = "Hunter2-Secret"
 FILE_SECRET = "Pw-File-Secret-42"

@@ -13,7 +13,7 @@ from faults import by_pid, close_all, open_victims, pids_of, read_records, size
 from helpers import wait_for
 from scenario import setup_roles
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 UNLIMITED = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
 

@@ -38,9 +38,9 @@ from faults import (
 from helpers import connect, wait_for
 from scenario import setup_roles
 
-from watchdog import queries
-from watchdog.audit import AuditLog
-from watchdog.tempcluster import TempCluster
+from watchdog.audit.log import AuditLog
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.pg import queries
 
 PARAMS = pytest.mark.parametrize("major", MAJORS, ids=[f"pg{m}" for m in MAJORS])
 SOAK_SECONDS = 25
@@ -139,7 +139,7 @@ async def test_processes_sharing_an_audit_path_one_final_record_per_signal(
 _CHILD = """
 import json, os, sys
 from pathlib import Path
-from watchdog.audit import AuditLog
+from watchdog.audit.log import AuditLog
 audit = AuditLog(Path(sys.argv[1]))
 for step, records in json.loads(Path(sys.argv[2]).read_text()):
     if step == "intents":

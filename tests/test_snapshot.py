@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from helpers import connect
 
-from watchdog import queries, snapshot
-from watchdog.model import CLIENT_BACKEND
-from watchdog.snapshot import take_snapshot
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.core.model import CLIENT_BACKEND
+from watchdog.pg import queries, snapshot
+from watchdog.pg.snapshot import take_snapshot
 
 
 async def test_snapshot_columns_are_where_snapshot_py_reads_them(pg: TempCluster) -> None:

@@ -21,8 +21,8 @@ from daemon import Daemon, backend_alive
 from helpers import connect, wait_for
 from scenario import WATCHDOG_ROLE, kill_leftovers, read_audit, run_cli, setup_roles
 
-from watchdog.config import PROVIDER_ADMIN_ROLES
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.config.policy import PROVIDER_ADMIN_ROLES
 
 THRESHOLD = 0.3
 

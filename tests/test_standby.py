@@ -16,7 +16,7 @@ from daemon import Daemon, audit_records
 from helpers import connect, wait_for
 from scenario import REPO, WATCHDOG_ROLE, is_alive, policy_file, read_audit, run_cli, setup_roles
 
-from watchdog.tempcluster import ClusterError, TempCluster, start_standby
+from watchdog.commands.demo.tempcluster import ClusterError, TempCluster, start_standby
 
 IDLE = 2.0
 

@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 from helpers import connect, free_port, wait_for
 
-from watchdog.tempcluster import TempCluster
+from watchdog.commands.demo.tempcluster import TempCluster
 
 HOSTILE_ROLE = "bad\n\x1b[31mrole"
 # PGPASSFILE: the passfile of the throwaway servers (conftest exports it before this runs).

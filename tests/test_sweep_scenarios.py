@@ -36,14 +36,14 @@ from scenario import (
     wait_gone,
 )
 
-from watchdog import act
-from watchdog.audit import AuditLog
-from watchdog.config import load_config
-from watchdog.decide import decide
-from watchdog.journal import journals
-from watchdog.snapshot import take_snapshot
-from watchdog.sweep import sweep_target
-from watchdog.tempcluster import TempCluster
+from watchdog.audit.journal import journals
+from watchdog.audit.log import AuditLog
+from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.config.policy import load_config
+from watchdog.core.decide import decide
+from watchdog.pg import act
+from watchdog.pg.snapshot import take_snapshot
+from watchdog.service.sweep import sweep_target
 
 AGE = 2.5  # > idle threshold 2s > idle-in-transaction threshold 1s
 

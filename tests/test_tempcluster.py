@@ -1,4 +1,4 @@
-"""The throwaway-PostgreSQL harness every other test relies on (watchdog.tempcluster)."""
+"""The throwaway-PostgreSQL harness every other test relies on (commands/demo/tempcluster.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 from helpers import connect, free_port, wait_for
 
-from watchdog.tempcluster import (
+from watchdog.commands.demo.tempcluster import (
     ClusterError,
     TempCluster,
     accessible_bindir,

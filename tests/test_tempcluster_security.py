@@ -19,9 +19,14 @@ from pathlib import Path
 import pytest
 from conftest import MAJORS
 from scenario import REPO, setup_roles
+from temppooler import start_pooler
 
-from watchdog.tempcluster import TempCluster, accessible_bindir, find_bindir, run_as_user
-from watchdog.temppooler import start_pooler
+from watchdog.commands.demo.tempcluster import (
+    TempCluster,
+    accessible_bindir,
+    find_bindir,
+    run_as_user,
+)
 
 PSQL = Path("/usr/lib/postgresql/15/bin/psql")  # Debian's client: any local user can run it
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="about what root runs and starts")

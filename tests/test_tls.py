@@ -16,9 +16,9 @@ import pytest
 from conftest import MAJORS, _start
 from scenario import BIN, WATCHDOG_ROLE, CliResult, cli_env, setup_roles
 
-from watchdog.config import Target
-from watchdog.connect import TargetError, connect
-from watchdog.tempcluster import TempCluster, run_as_user
+from watchdog.commands.demo.tempcluster import TempCluster, run_as_user
+from watchdog.config.policy import Target
+from watchdog.pg.connect import TargetError, connect
 
 SERVER_NAME = "localhost"  # the server certificate's only name: 127.0.0.1 does not match it
 # The server sends its CA along (ssl_ca_file is set), so OpenSSL finds a foreign root in the

@@ -2,6 +2,6 @@
 
 import sys
 
-from watchdog.cli import main
+from watchdog.commands.cli import main
 
 sys.exit(main())
