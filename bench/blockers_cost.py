@@ -24,9 +24,8 @@ from benchlib import table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from watchdog.config.policy import Config, Policy, Target
-from watchdog.core.blockers import blocking_map
 from watchdog.core.decide import decide
-from watchdog.core.model import CLIENT_BACKEND, Session, Snapshot
+from watchdog.core.model import CLIENT_BACKEND, Session, Snapshot, blocking_map
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 IIT = frozenset({"idle in transaction", "idle in transaction (aborted)"})

@@ -38,6 +38,7 @@ from partition import (
 from scenario import setup_roles
 
 from watchdog.commands.demo.tempcluster import TempCluster, start_cluster
+from watchdog.config.policy import LEADER_KEY
 from watchdog.pg import queries
 
 
@@ -72,7 +73,7 @@ async def _round(pg: TempCluster, tmp: Path, n: int) -> tuple[float, float]:
             await _until(observes, time.monotonic(), 60)
             # A's backend: the lock holder (every instance's client address is 127.0.0.1;
             # only the server address differs).
-            leader_pid = await admin.fetchval(queries.LOCK_HOLDER, queries.LEADER_KEY)
+            leader_pid = await admin.fetchval(queries.LOCK_HOLDER, LEADER_KEY)
             part.cut()
             cut = time.monotonic()
             victim = await asyncpg.connect(pg.dsn("app"), timeout=10)

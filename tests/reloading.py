@@ -13,6 +13,7 @@ from daemon import Daemon, audit_records, backend_alive
 from helpers import connect, wait_for
 
 from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.config.policy import LEADER_KEY
 from watchdog.pg import queries
 
 # Nothing listens on 127.0.0.2 (sessions come from 127.0.0.1, so none is the pooler's).
@@ -75,7 +76,7 @@ async def watchdog_pids(cluster: TempCluster) -> list[int]:
 async def lock_holder(cluster: TempCluster) -> int | None:
     conn = await connect(cluster, "postgres", "psql")
     try:
-        pid: int | None = await conn.fetchval(queries.LOCK_HOLDER, queries.LEADER_KEY)
+        pid: int | None = await conn.fetchval(queries.LOCK_HOLDER, LEADER_KEY)
         return pid
     finally:
         await conn.close()

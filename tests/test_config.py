@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from watchdog.config.policy import (
     DEFAULT_CONFIG,
+    LEADER_KEY,
     MEASURED_FROM,
     STATES,
     Config,
@@ -21,7 +22,6 @@ from watchdog.config.policy import (
 )
 from watchdog.config.units import format_duration, parse_duration
 from watchdog.config.yamlpos import ConfigError
-from watchdog.pg.queries import LEADER_KEY
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_FILE = str(REPO / "policies" / "default.yaml")

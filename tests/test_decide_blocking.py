@@ -13,9 +13,9 @@ from test_decide_table import NOW, TARGET, config, policy, session, snapshot, ve
 
 from watchdog.audit.log import make_record
 from watchdog.config.policy import Policy
-from watchdog.core.blockers import blocking_map, describe
+from watchdog.core.blockers import describe
 from watchdog.core.decide import decide
-from watchdog.core.model import Blocking, Outcome, Session
+from watchdog.core.model import Blocking, Outcome, Session, blocking_map
 
 IIT = ("idle in transaction",)
 

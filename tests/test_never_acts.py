@@ -13,10 +13,10 @@ from daemon import Daemon
 from helpers import sweeps_ran
 from scenario import setup_roles
 
-from watchdog.commands.check import never_acts
 from watchdog.commands.demo.tempcluster import TempCluster
 from watchdog.config.policy import Config, parse_config
 from watchdog.config.yamlpos import load_yaml
+from watchdog.core.unreachable import never_acts
 
 ADMINS = (
     "policy 'p' never acts: every role its member_of selects (rds_superuser) is spared by"

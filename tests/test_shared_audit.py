@@ -40,6 +40,7 @@ from scenario import setup_roles
 
 from watchdog.audit.log import AuditLog
 from watchdog.commands.demo.tempcluster import TempCluster
+from watchdog.config.policy import LEADER_KEY
 from watchdog.pg import queries
 
 PARAMS = pytest.mark.parametrize("major", MAJORS, ids=[f"pg{m}" for m in MAJORS])
@@ -288,7 +289,7 @@ async def test_live_once_acts_on_nothing_while_another_instance_leads(
     pids = pids_of(victims)
     holder = await connect(c, "watchdog", application_name="pg-watchdog")
     try:
-        assert await holder.fetchval(queries.TRY_LEAD, queries.LEADER_KEY)
+        assert await holder.fetchval(queries.TRY_LEAD, LEADER_KEY)
         await asyncio.sleep(0.6)
         res = run_cli("once", "-c", cfg)
         assert res.returncode == 0, res.stderr

@@ -17,8 +17,8 @@ from watchdog.alerts.pooler import PoolerAlerts
 from watchdog.alerts.sentry import SentryChannel
 from watchdog.config.policy import Config
 from watchdog.config.units import format_duration
+from watchdog.core.clients import real_addr
 from watchdog.pg.connect import scrub
-from watchdog.pgbouncer.console import real_addr
 
 if TYPE_CHECKING:
     from watchdog.core.forecast import Forecast, Grower

@@ -63,7 +63,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         f"{config.source}: ok ({len(config.targets)} targets, {len(config.policies)} policies"
         f"{', dry run' if config.dry_run else ''})"
     )
-    from watchdog.commands.check import never_acts
+    from watchdog.core.unreachable import never_acts
 
     for line in never_acts(config):
         print(f"pg-watchdog: warning: {line}", file=sys.stderr)

@@ -22,12 +22,12 @@ from watchdog.commands.forecast_render import forecast_json, forecast_line
 from watchdog.config.policy import Config, Target
 from watchdog.config.units import format_duration
 from watchdog.core.blockers import describe as describe_blocking
+from watchdog.core.clients import describe_client
 from watchdog.core.decide import decide
 from watchdog.core.forecast import Forecast, History, sample_of
 from watchdog.core.model import Session, Snapshot, Verdict
 from watchdog.pg.connect import STATEMENT_TIMEOUT, close_quietly, describe_error, open_target
 from watchdog.pg.prepared import PreparedXact, read_prepared
-from watchdog.pgbouncer.console import describe_client
 from watchdog.pgbouncer.watch import PoolerRound, PoolerWatch
 from watchdog.service.sweep import look
 from watchdog.text.escape import json_line

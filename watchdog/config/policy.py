@@ -30,7 +30,6 @@ from watchdog.config.yamlfields import (
     string,
 )
 from watchdog.config.yamlpos import MAX_BYTES, ConfigError, YNode, load_yaml
-from watchdog.pg.queries import LEADER_KEY
 
 T = TypeVar("T")
 
@@ -49,6 +48,8 @@ DEFAULT_CONFIG = "/etc/pg-watchdog/policies.yaml"
 # Spared unless exclude.member_of says otherwise, as superusers are unless it says false.
 PROVIDER_ADMIN_ROLES = ("rds_superuser", "azure_pg_admin", "cloudsqlsuperuser")
 MIN_INTERVAL = 0.25
+# The advisory lock the leader holds ('pgwd' in ASCII), unless the file sets lock_key.
+LEADER_KEY = 0x70677764
 
 
 @dataclass(frozen=True)

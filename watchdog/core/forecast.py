@@ -25,8 +25,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 
+from watchdog.core.clients import real_addr
 from watchdog.core.model import Snapshot
-from watchdog.pgbouncer.console import real_addr
 
 SAMPLE_EVERY = 1.0  # s: sweeps come every 250 ms near thresholds; the history is by time
 HISTORY = 600.0  # s of samples kept: each window is judged against the one before it

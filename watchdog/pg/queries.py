@@ -140,9 +140,8 @@ SELECT coalesce(host(inet_server_addr()), current_setting('unix_socket_directori
 """
 
 # High availability: one watchdog acts per server (per database: advisory locks are
-# scoped to the connected database). LEADER_KEY ('pgwd' in ASCII) is the default key;
-# the policy file's lock_key overrides it, per deployment.
-LEADER_KEY = 0x70677764
+# scoped to the connected database), on the policy file's lock_key (config.policy.LEADER_KEY
+# by default).
 TRY_LEAD = "SELECT pg_try_advisory_lock($1::bigint)"
 # On a reload that turns the instance dry or changes the key: stop competing.
 UNLOCK = "SELECT pg_advisory_unlock($1::bigint)"

@@ -20,7 +20,7 @@ from watchdog.pgbouncer import rows as shapes
 from watchdog.pgbouncer.read import SMALL, Caps, Console, show
 from watchdog.pgbouncer.rows import PoolStats, Socket
 
-__all__ = ["PoolStats", "PoolerLook", "Socket", "attribute", "describe_client", "real_addr"]
+__all__ = ["PoolStats", "PoolerLook", "Socket", "attribute"]
 
 CONNECT_TIMEOUT = 2.0  # libpq counts whole seconds, at least 2
 READ_TIMEOUT = 2.0
@@ -212,21 +212,3 @@ def unknown_links(
                 out[sess.pid] = PoolerLink(name, None, why)
                 break
     return out
-
-
-def real_addr(session: Session, link: PoolerLink | None) -> str | None:
-    """The address of the application behind ``session``: its pooler client's, else its own."""
-    if link is not None and link.client is not None and link.client.addr is not None:
-        return link.client.addr
-    return session.client_addr
-
-
-def describe_client(link: PoolerLink | None) -> str | None:
-    """``10.2.3.4:51234 via pgb1``, ``pooled by pgb1 (no client)``, or None (not pooled)."""
-    if link is None:
-        return None
-    if link.unknown is not None:
-        return f"pooler {link.pooler} {link.unknown.value}: real client unknown"
-    if link.client is None:
-        return f"pooled by {link.pooler} (no client)"
-    return f"{link.client.addr}:{link.client.port} via {link.pooler}"

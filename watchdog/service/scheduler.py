@@ -19,9 +19,9 @@ from watchdog.alerts.hub import Alerts
 from watchdog.alerts.metrics import Metrics
 from watchdog.audit import offloop as audit_io
 from watchdog.audit.log import AuditError, AuditLog
-from watchdog.commands.check import never_acts
 from watchdog.config.policy import Config, Target, load_config
 from watchdog.config.yamlpos import ConfigError
+from watchdog.core.unreachable import never_acts
 from watchdog.pg.connect import TargetError
 from watchdog.pg.prepared import PreparedWatch
 from watchdog.service.forecast_watch import ForecastWatch

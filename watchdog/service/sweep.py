@@ -16,12 +16,12 @@ from watchdog.audit import offloop as audit_io
 from watchdog.audit.log import AuditError, AuditLog, iso, make_record, shown_query
 from watchdog.config.policy import Config, Target
 from watchdog.core.candidates import candidates, horizon
+from watchdog.core.clients import describe_client
 from watchdog.core.decide import decide
 from watchdog.core.model import Action, Decision, Outcome, Snapshot
 from watchdog.pg.act import dry_outcomes, execute
 from watchdog.pg.connect import STATEMENT_TIMEOUT
 from watchdog.pg.snapshot import take_snapshot
-from watchdog.pgbouncer.console import describe_client
 from watchdog.pgbouncer.watch import PoolerRound
 
 if TYPE_CHECKING:
