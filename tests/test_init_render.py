@@ -27,7 +27,7 @@ from watchdog.config.policy import parse_config
 from watchdog.config.units import parse_duration
 from watchdog.config.units import policy_duration as duration
 from watchdog.config.yamlpos import load_yaml
-from watchdog.pg.managed import Role, RoleFacts
+from watchdog.core.roles import Role, RoleFacts
 
 HOSTILE = [
     "x\n  - evil",

@@ -16,7 +16,7 @@ from faults import run_cli
 
 from watchdog.audit.journal import journals
 from watchdog.audit.log import AuditLog
-from watchdog.commands.audit import audit_files
+from watchdog.audit.reader import audit_files
 
 SHIPPED = Path(__file__).resolve().parents[1] / "systemd" / "pg-watchdog.logrotate"
 LOGROTATE = shutil.which("logrotate") or "/usr/sbin/logrotate"

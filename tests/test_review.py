@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 
+from watchdog.audit.reader import iter_records, parse_when
 from watchdog.audit.render import human_age
 from watchdog.commands import audit as review
-from watchdog.commands.audit import OUTCOMES, configure_parser, iter_records, parse_when, run
+from watchdog.commands.audit import OUTCOMES, configure_parser, run
 from watchdog.text.statements import shape
 
 NOW = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)

@@ -12,11 +12,11 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from watchdog.audit.render import fit
 from watchdog.config.policy import Config, Target
 from watchdog.core.model import Snapshot
 from watchdog.core.reserved import Slots
 from watchdog.core.reserved import judge as judge_slots
+from watchdog.core.roles import RoleFacts, killable, members_now
 from watchdog.pg import queries
 from watchdog.pg.connect import (
     STATEMENT_TIMEOUT,
@@ -25,9 +25,10 @@ from watchdog.pg.connect import (
     describe_error,
     open_target,
 )
-from watchdog.pg.managed import RoleFacts, killable, members_now, read_roles
+from watchdog.pg.roles import read_roles
 from watchdog.pg.snapshot import take_snapshot
 from watchdog.pgbouncer.check import check_poolers
+from watchdog.text.fit import fit
 from watchdog.text.quoting import quote_ident
 
 SUPPORTED_MAJORS = range(15, 19)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from watchdog.audit.render import fit
 from watchdog.config.units import format_duration
 from watchdog.core.forecast import WINDOWS, Forecast, Grower
+from watchdog.text.fit import fit
 
 Report = dict[str, Any]
 

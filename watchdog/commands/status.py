@@ -17,7 +17,6 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from watchdog.audit.render import fit
 from watchdog.commands.forecast_render import forecast_json, forecast_line
 from watchdog.config.policy import Config, Target
 from watchdog.config.units import format_duration
@@ -31,6 +30,7 @@ from watchdog.pg.prepared import PreparedXact, read_prepared
 from watchdog.pgbouncer.watch import PoolerRound, PoolerWatch
 from watchdog.service.sweep import look
 from watchdog.text.escape import json_line
+from watchdog.text.fit import fit
 
 IDLE_IN_TRANSACTION = ("idle in transaction", "idle in transaction (aborted)")
 _OLDEST_IIT = "oldest_idle_in_transaction_s"

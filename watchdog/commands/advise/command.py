@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import TextIO
 
 from watchdog.audit import forecast_log
-from watchdog.audit.render import fit, record_time
+from watchdog.audit.reader import iter_records, parse_when
+from watchdog.audit.render import record_time
 from watchdog.commands.advise.analyse import analyse
 from watchdog.commands.advise.findings import Finding, Record, Window
 from watchdog.commands.advise.look import Look, take_look
-from watchdog.commands.audit import iter_records, parse_when
 from watchdog.config.policy import Config
 from watchdog.pg.connect import TargetError
 from watchdog.text.escape import json_line
+from watchdog.text.fit import fit
 
 DEFAULT_SINCE = "7d"
 EXIT_OK, EXIT_TARGET, EXIT_USAGE = 0, 1, 2

@@ -72,8 +72,8 @@ def default_policies() -> tuple[dict[str, Any], str]:
     sources = [
         # A wheel installs policies/default.yaml here (pyproject: data-files).
         Path(sys.prefix) / "share" / "pg-watchdog" / "default.yaml",
-        # A checkout, or an editable install.
-        Path(__file__).resolve().parent.parent / "policies" / "default.yaml",
+        # A checkout, or an editable install (this file is watchdog/commands/demo/command.py).
+        Path(__file__).resolve().parents[3] / "policies" / "default.yaml",
     ]
     for source in sources:
         with contextlib.suppress(OSError, yaml.YAMLError):

@@ -17,7 +17,6 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from watchdog.audit.render import fit
 from watchdog.commands.init.dsn import without_secrets
 from watchdog.commands.init.fit import tools
 from watchdog.commands.init.look import Facts, take_look
@@ -28,6 +27,7 @@ from watchdog.config.units import parse_duration
 from watchdog.config.units import policy_duration as duration
 from watchdog.config.yamlpos import ConfigError, load_yaml
 from watchdog.pg.connect import scrub
+from watchdog.text.fit import fit
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")

@@ -16,10 +16,11 @@ from typing import Any
 from watchdog.commands.advise.look import pg_ms
 from watchdog.config.policy import Config, Target
 from watchdog.core.model import APPLICATION_NAME, Snapshot
+from watchdog.core.roles import RoleFacts
 from watchdog.core.rules import is_listen  # the one test of "last statement was LISTEN"
 from watchdog.pg import queries
 from watchdog.pg.connect import STATEMENT_TIMEOUT, TargetError, describe_error, target_session
-from watchdog.pg.managed import RoleFacts, read_roles
+from watchdog.pg.roles import read_roles
 from watchdog.pg.snapshot import server_text, take_snapshot
 
 # The look's session sends none of the timeouts: pg_settings shows the server's own.

@@ -1,4 +1,4 @@
-"""Managed PostgreSQL (RDS/Aurora, Azure, Cloud SQL): the roles that tell the layout apart.
+"""Managed PostgreSQL (RDS/Aurora, Azure, Cloud SQL): the roles that tell the layout apart (pure).
 
 There the admin login is no superuser but a member of a provider role, so `exclude.superusers`
 does not spare it. `check --connect` reads these facts to say which member_of roles exist,
@@ -9,12 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any
 
 from watchdog.config.policy import Config, Exclusions
 from watchdog.core.model import CLIENT_BACKEND, Snapshot
-from watchdog.pg import queries
-from watchdog.pg.snapshot import server_text
 
 # A role whose existence gives the provider away (rdsadmin is RDS's own superuser).
 PROVIDER_ROLES = {
@@ -62,19 +59,6 @@ class RoleFacts:
             if role in self.present:
                 found.setdefault(provider, role)
         return found
-
-
-async def read_roles(conn: Any, config: Config, timeout: float) -> RoleFacts:
-    """Read :class:`RoleFacts` from a connected server (two small catalog queries)."""
-    wanted = sorted({*config.member_roles(), *PROVIDER_ROLES})
-    present = await conn.fetch(queries.ROLES_PRESENT, wanted, timeout=timeout)
-    rows = await conn.fetch(queries.ADMIN_ROLES, wanted, list(ADMIN_GROUPS), timeout=timeout)
-    roles = tuple(
-        Role(server_text(r["rolname"]) or "", r["rolsuper"], r["rolcreaterole"],
-             r["rolcreatedb"], r["is_self"], tuple(r["member_of"]))
-        for r in rows
-    )
-    return RoleFacts(frozenset(r[0] for r in present), roles)
 
 
 def _spared(role: Role, ex: Exclusions) -> bool:
