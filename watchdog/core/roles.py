@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from watchdog.config.policy import Config, Exclusions
+from watchdog.config.policy import PROVIDER_ADMIN_ROLES, Config, Exclusions
 from watchdog.core.model import CLIENT_BACKEND, Snapshot
 
 # A role whose existence gives the provider away (rdsadmin is RDS's own superuser).
@@ -20,8 +20,8 @@ PROVIDER_ROLES = {
     "azure_pg_admin": "Azure Database for PostgreSQL",
     "cloudsqlsuperuser": "Google Cloud SQL",
 }
-# The roles each provider makes its admin login a member of.
-ADMIN_GROUPS = ("azure_pg_admin", "cloudsqlsuperuser", "rds_superuser")
+# The roles each provider makes its admin login a member of: config's list, in name order.
+ADMIN_GROUPS = tuple(sorted(PROVIDER_ADMIN_ROLES))
 
 
 @dataclass(frozen=True)
