@@ -19,8 +19,8 @@ from typing import Any
 
 from watchdog.audit import dirfiles as auditdir
 from watchdog.audit import journal as jr
-from watchdog.audit.log import iso
 from watchdog.core.forecast import Episode, Forecast, Grower
+from watchdog.text.timestamps import iso
 
 Record = dict[str, Any]
 SUFFIX = ".forecast.jsonl"

@@ -33,6 +33,7 @@ from watchdog.audit import journal as jr
 from watchdog.audit.dryrun import DryRunMemory
 from watchdog.core.model import Outcome
 from watchdog.text.redact import redact
+from watchdog.text.timestamps import iso
 
 QUERY_TRUNCATE = 256
 
@@ -50,13 +51,6 @@ class AuditError(Exception):
     def __init__(self, message: str, report: Any = None) -> None:
         super().__init__(message)
         self.report = report
-
-
-def iso(ts: datetime | None) -> str | None:
-    """ISO 8601 in UTC with milliseconds, ``Z``-suffixed."""
-    if ts is None:
-        return None
-    return ts.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def shown_query(query: str | None, mode: str) -> str | None:

@@ -14,10 +14,11 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TextIO
 
 from watchdog.config.units import format_duration
+from watchdog.text import timestamps
 from watchdog.text.escape import json_line
 from watchdog.text.fit import fit
 from watchdog.text.statements import shape
@@ -51,15 +52,7 @@ _RIGHT = tuple(col.right for col in _COLUMNS)
 
 def record_time(value: object) -> datetime | None:
     """The aware UTC datetime of an audit ``ts`` value, or None when it is not one."""
-    if not isinstance(value, str):
-        return None
-    try:
-        when = datetime.fromisoformat(value)
-        if when.tzinfo is None:
-            return when.replace(tzinfo=UTC)
-        return when.astimezone(UTC)
-    except (ValueError, OverflowError):
-        return None
+    return timestamps.parse(value)
 
 
 def write_json_lines(records: Iterable[object], out: TextIO) -> None:
@@ -95,7 +88,7 @@ def _when_text(value: object) -> str:
     if isinstance(value, str) and _CANONICAL_TS.fullmatch(value):
         return value[:19] + "Z"
     when = record_time(value)
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ") if when else _text(value)
+    return timestamps.shown(when) if when else _text(value)
 
 
 def _row(rec: Mapping[str, Any]) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ from watchdog.core.model import APPLICATION_NAME, ClientUnknown, PoolerClient, P
 from watchdog.pgbouncer import rows as shapes
 from watchdog.pgbouncer.read import SMALL, Caps, Console, show
 from watchdog.pgbouncer.rows import PoolStats, Socket
+from watchdog.text.timestamps import iso
 
 __all__ = ["PoolStats", "PoolerLook", "Socket", "attribute"]
 
@@ -122,7 +123,7 @@ def _iso(text: str | None) -> str | None:
         when = datetime.strptime(text[:-4], "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
     except ValueError:
         return text
-    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso(when)
 
 
 def _client(c: Socket) -> PoolerClient:

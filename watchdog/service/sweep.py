@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from watchdog.audit import offloop as audit_io
-from watchdog.audit.log import AuditError, AuditLog, iso, make_record, shown_query
+from watchdog.audit.log import AuditError, AuditLog, make_record, shown_query
 from watchdog.config.policy import Config, Target
 from watchdog.core.candidates import candidates, horizon
 from watchdog.core.clients import describe_client
@@ -23,6 +23,7 @@ from watchdog.pg.act import dry_outcomes, execute
 from watchdog.pg.connect import STATEMENT_TIMEOUT
 from watchdog.pg.snapshot import take_snapshot
 from watchdog.pgbouncer.watch import PoolerRound
+from watchdog.text.timestamps import iso
 
 if TYPE_CHECKING:
     from watchdog.pgbouncer.watch import PoolerWatch

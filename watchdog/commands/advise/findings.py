@@ -16,6 +16,7 @@ from typing import Any
 
 from watchdog.audit.render import record_time
 from watchdog.config.units import format_duration
+from watchdog.text import timestamps
 
 Record = Mapping[str, Any]
 KILLS = ("terminated", "cancelled", "would_terminate", "would_cancel")
@@ -75,11 +76,8 @@ class Window:
     def text(self) -> str:
         if self.start is None:
             return "no records"
-        return f"{when_text(self.start)} to {when_text(self.now)} ({format_duration(self.seconds)})"
-
-
-def when_text(ts: datetime) -> str:
-    return ts.strftime("%Y-%m-%d %H:%M:%SZ")
+        span = format_duration(self.seconds)
+        return f"{timestamps.shown(self.start)} to {timestamps.shown(self.now)} ({span})"
 
 
 def sort_findings(findings: Iterable[Finding]) -> list[Finding]:
@@ -158,7 +156,7 @@ def rate_text(records: Sequence[Record], window: Window) -> str:
     if not ts:
         return f"{len(records)} kills"
     span = (ts[-1] - ts[0]).total_seconds()
-    text = f"{len(records)} kills from {when_text(ts[0])} to {when_text(ts[-1])}"
+    text = f"{len(records)} kills from {timestamps.shown(ts[0])} to {timestamps.shown(ts[-1])}"
     if span >= 3600:
         text += f" ({len(records) / (span / 3600):.1f}/h while it lasted"
     else:

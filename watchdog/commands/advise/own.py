@@ -14,9 +14,9 @@ from watchdog.commands.advise.findings import (
     Window,
     kills_of,
     times,
-    when_text,
 )
 from watchdog.config.policy import Config
+from watchdog.text import timestamps
 
 DRY_RUN_DAYS = 3.0
 UNUSED_AFTER_S = 86400.0  # a policy idle for less than a day says nothing yet
@@ -53,7 +53,7 @@ def dry_run_left_on(
     where = "dry_run: true at the top" if config.dry_run else f"dry_run on {', '.join(dry)}"
     days = (window.now - ts[0]).total_seconds() / 86400
     evidence = (
-        f"{where}; {len(ts)} would_* records on {target} since {when_text(ts[0])}"
+        f"{where}; {len(ts)} would_* records on {target} since {timestamps.shown(ts[0])}"
         f" ({days:.0f} days)",
     )
     fix = ("Review them (pg-watchdog audit --outcome would_terminate), then set dry_run: false.",)

@@ -6,10 +6,11 @@ transaction manager) knows whether a prepared transaction must commit or roll ba
 
 from __future__ import annotations
 
-from watchdog.commands.advise.findings import Finding, when_text
+from watchdog.commands.advise.findings import Finding
 from watchdog.commands.advise.look import Look
 from watchdog.config.units import format_duration
 from watchdog.pg.prepared import stale
+from watchdog.text import timestamps
 from watchdog.text.quoting import quote_literal
 
 
@@ -20,7 +21,7 @@ def stale_prepared(look: Look, older_than: float) -> list[Finding]:
         gid = quote_literal(x.gid)  # as the statement below spells it
         evidence = (
             f"prepared transaction {gid} (xid {x.xid}, owner {x.owner}, database"
-            f" {x.database}) was prepared at {when_text(x.prepared)},"
+            f" {x.database}) was prepared at {timestamps.shown(x.prepared)},"
             f" {format_duration(x.age_s)} ago (alerts.prepared_older_than is"
             f" {format_duration(older_than)})",
             f"it keeps its locks and holds back vacuum's xmin horizon ({x.xid_age} transactions"
