@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from watchdog.alerts.health import Health, serve
 from watchdog.config.policy import STATES, Config
+from watchdog.text.errors import reason as error_reason
 
 if TYPE_CHECKING:
     from watchdog.core.forecast import Forecast
@@ -122,7 +123,7 @@ class Metrics:
             self._server, self._thread = serve(m.host, m.port, self.registry, health)
         except OSError as exc:
             log.error(
-                "metrics off: cannot listen on %s:%d: %s", m.host, m.port, exc.strerror or exc
+                "metrics off: cannot listen on %s:%d: %s", m.host, m.port, error_reason(exc)
             )
             return
         log.info("serving Prometheus metrics on http://%s:%d/metrics", m.host, m.port)

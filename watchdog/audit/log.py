@@ -32,6 +32,7 @@ from watchdog.audit import dirfiles as auditdir
 from watchdog.audit import journal as jr
 from watchdog.audit.dryrun import DryRunMemory
 from watchdog.core.model import Outcome
+from watchdog.text.errors import reason as error_reason
 from watchdog.text.redact import redact
 from watchdog.text.timestamps import iso
 
@@ -109,7 +110,7 @@ def make_record(
 
 
 def _why(exc: OSError, path: Path) -> str:
-    why = exc.strerror or str(exc)
+    why = error_reason(exc)
     where = exc.filename
     if isinstance(where, str) and where.startswith("/") and where != str(path):
         return f"{where}: {why}"  # the journal directory, a journal: say which

@@ -23,6 +23,7 @@ from typing import Any
 
 from watchdog.audit import dirfiles as auditdir
 from watchdog.config.units import parse_duration
+from watchdog.text.errors import reason
 
 # logrotate names: PATH.1, PATH.2.gz (higher is older) or, with dateext, PATH-20261125.gz
 # and PATH-20261125-1764028800.gz (dateformat -%Y%m%d-%s: the epoch orders one day's files).
@@ -172,5 +173,3 @@ def iter_records(path: Path, since: datetime | None = None) -> Iterator[Record]:
             warn(f"cannot read rotated audit log {file}: {reason(e)}")
 
 
-def reason(e: BaseException) -> str:
-    return (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__

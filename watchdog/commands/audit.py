@@ -23,7 +23,6 @@ from watchdog.audit.reader import (
     iter_records,
     open_log,
     parse_when,
-    reason,
     warn,
 )
 from watchdog.audit.render import (
@@ -33,6 +32,7 @@ from watchdog.audit.render import (
     write_json_lines,
     write_table,
 )
+from watchdog.text.errors import reason
 from watchdog.text.escape import json_line
 
 OUTCOMES: tuple[str, ...] = ("terminated", "cancelled", "would_terminate", "would_cancel")

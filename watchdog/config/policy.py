@@ -30,6 +30,7 @@ from watchdog.config.yamlfields import (
     string,
 )
 from watchdog.config.yamlpos import MAX_BYTES, ConfigError, YNode, load_yaml
+from watchdog.text.errors import reason as error_reason
 
 T = TypeVar("T")
 
@@ -182,8 +183,7 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
             )
         text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(path, 1, 1, "", f"cannot read policy file: {reason}") from None
+        raise ConfigError(path, 1, 1, "", f"cannot read policy file: {error_reason(exc)}") from None
     return parse_config(load_yaml(text, path, environ), path)
 
 

@@ -18,6 +18,7 @@ from watchdog.config import conninfo
 from watchdog.config.policy import Target
 from watchdog.core.model import APPLICATION_NAME
 from watchdog.pg import queries
+from watchdog.text.errors import reason as error_reason
 
 CONNECT_TIMEOUT = 5.0
 STATEMENT_TIMEOUT = 10.0
@@ -87,7 +88,7 @@ def read_password(target: Target) -> str | None:
         return Path(target.password_file).read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise TargetError(
-            f"{target.name}: cannot read password_file {target.password_file}: {exc.strerror}"
+            f"{target.name}: cannot read password_file {target.password_file}: {error_reason(exc)}"
         ) from None
     except UnicodeDecodeError:
         # Never quote the decoder's message: it carries bytes of the password.
@@ -128,9 +129,7 @@ def describe_error(target: Target, exc: BaseException) -> str:
     """One safe line about why ``target`` failed."""
     if isinstance(exc, TargetError):
         return str(exc)  # already safe, and already names the target
-    if isinstance(exc, TimeoutError):
-        reason = "timed out"
-    elif isinstance(exc, asyncpg.TooManyConnectionsError):
+    if isinstance(exc, asyncpg.TooManyConnectionsError):
         reason = (
             f"server full, no slot for the watchdog ({exc}); on PostgreSQL 16+ set "
             "reserved_connections and GRANT pg_use_reserved_connections to the watchdog role; "
@@ -138,10 +137,8 @@ def describe_error(target: Target, exc: BaseException) -> str:
         )
     elif isinstance(exc, ssl.SSLError):
         reason = _tls_reason(exc)
-    elif isinstance(exc, OSError) and exc.strerror:
-        reason = exc.strerror
     else:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = error_reason(exc)
     return scrub(f"{target.name}: {reason}", secrets_of(target))
 
 
@@ -152,7 +149,7 @@ def _check_tls_files(target: Target, files: dict[str, str]) -> None:
             Path(path).expanduser().open("rb").close()
         except OSError as exc:
             raise TargetError(
-                f"{target.name}: TLS: cannot read {key} {path}: {exc.strerror or exc}"
+                f"{target.name}: TLS: cannot read {key} {path}: {error_reason(exc)}"
             ) from None
 
 

@@ -41,6 +41,7 @@ from watchdog.pgbouncer.console import (
     unknown_links,
 )
 from watchdog.pgbouncer.read import Console, printable
+from watchdog.text.errors import reason as error_reason
 
 log = logging.getLogger("watchdog.pooler_watch")  # the name log filters know
 
@@ -67,15 +68,8 @@ class PoolerRound:
 
 def describe_pooler_error(target: str, pooler: PoolerConfig, exc: BaseException) -> str:
     """One safe line (no password) about why ``pooler`` failed."""
-    if isinstance(exc, TimeoutError):
-        reason = "timed out"
-    elif isinstance(exc, OSError) and exc.strerror:
-        reason = exc.strerror
-    else:
-        # libpq's messages run over several lines; the first one says what happened.
-        # (The console may have written it: one printable line, whatever it sent.)
-        lines = str(exc).strip().splitlines()
-        reason = printable(lines[0].strip()) if lines else type(exc).__name__
+    # The console may have written it: one printable line, whatever it sent.
+    reason = printable(error_reason(exc))
     return scrub(f"{target}: pooler {pooler.name}: {reason}", dsn_passwords(pooler.dsn))
 
 

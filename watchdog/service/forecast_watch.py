@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from watchdog.audit import forecast_log
 from watchdog.config.policy import Config
 from watchdog.core.forecast import Crossing, Forecast, History, sample_of
+from watchdog.text.errors import reason as error_reason
 
 if TYPE_CHECKING:
     from watchdog.alerts.hub import Alerts
@@ -72,7 +73,7 @@ class ForecastWatch:
                 await asyncio.to_thread(forecast_log.append, path, [record])
             except OSError as exc:
                 log.warning("cannot write the forecast record to %s: %s", path,
-                            exc.strerror or exc)
+                            error_reason(exc))
         return fc
 
     def _forget_gone(self, config: Config, metrics: Metrics) -> None:

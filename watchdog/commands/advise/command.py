@@ -22,6 +22,7 @@ from watchdog.commands.advise.findings import Finding, Record, Window
 from watchdog.commands.advise.look import Look, take_look
 from watchdog.config.policy import Config
 from watchdog.pg.connect import TargetError
+from watchdog.text.errors import reason as error_reason
 from watchdog.text.escape import json_line
 from watchdog.text.fit import fit
 
@@ -119,14 +120,14 @@ def run_advise(config: Config, args: argparse.Namespace) -> int:
     except FileNotFoundError:
         pass  # nothing recorded yet: the live look alone speaks
     except OSError as e:
-        _warn(f"cannot read audit log {e.filename or path}: {e.strerror or e}")
+        _warn(f"cannot read audit log {e.filename or path}: {error_reason(e)}")
         code = EXIT_TARGET
     window = Window(max(start, since) if start is not None else None, now)
     forecasts: list[Record] = []
     try:
         forecasts = list(forecast_log.read(forecast_log.forecast_path(path), set(wanted), since))
     except OSError as e:
-        _warn(f"cannot read the forecast records: {e.strerror or e}")
+        _warn(f"cannot read the forecast records: {error_reason(e)}")
     looked = asyncio.run(_looks(config, wanted))
     errors = {n: str(v) for n, v in looked.items() if isinstance(v, TargetError)}
     looks: dict[str, Look | None] = {n: v for n, v in looked.items() if isinstance(v, Look)}

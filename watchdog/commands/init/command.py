@@ -27,6 +27,7 @@ from watchdog.config.units import parse_duration
 from watchdog.config.units import policy_duration as duration
 from watchdog.config.yamlpos import ConfigError, load_yaml
 from watchdog.pg.connect import scrub
+from watchdog.text.errors import reason as error_reason
 from watchdog.text.fit import fit
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -172,7 +173,7 @@ def _run(args: argparse.Namespace) -> int:
         except FileExistsError:
             raise InitError(f"{args.output} exists; use --force to replace it") from None
         except OSError as exc:
-            raise InitError(f"cannot write {args.output}: {exc.strerror or exc}",
+            raise InitError(f"cannot write {args.output}: {error_reason(exc)}",
                             EXIT_FAILED) from None
         print(_summary(facts, options, f"wrote {args.output}", args.output))
     if not facts.sees_all:
