@@ -18,6 +18,7 @@ from watchdog.alerts.sentry import SentryChannel
 from watchdog.config.policy import Config
 from watchdog.config.units import format_duration
 from watchdog.core.clients import real_addr
+from watchdog.core.model import KILLS, Result
 from watchdog.pg.connect import scrub
 
 if TYPE_CHECKING:
@@ -29,13 +30,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("watchdog.alerts")  # the name log filters know
 
 # Outcomes that acted (or would have, in a dry run), and the others as a message says them.
-ACTED = frozenset({"terminated", "cancelled", "would_terminate", "would_cancel"})
-PAST = {"terminate": "terminated", "cancel": "cancelled"}
+ACTED = KILLS
 NOT_ACTED = {
-    "skipped_changed": "skipped (session changed)",
-    "gone": "already gone",
-    "failed": "failed",
-    "unconfirmed": "unconfirmed",
+    Result.SKIPPED_CHANGED: "skipped (session changed)",
+    Result.GONE: "already gone",
+    Result.FAILED: "failed",
+    Result.UNCONFIRMED: "unconfirmed",
 }
 TOP = 5
 
@@ -55,7 +55,7 @@ def _who(sessions: list[tuple[Session, PoolerLink | None]]) -> dict[str, Any]:
 
 
 def _is_denied(o: Outcome) -> bool:
-    return o.outcome == "failed" and (o.error or "").startswith("permission denied")
+    return o.outcome == Result.FAILED and (o.error or "").startswith("permission denied")
 
 
 class Alerts(SentryChannel):
@@ -101,10 +101,10 @@ class Alerts(SentryChannel):
         counts = Counter(o.outcome for o in outcomes)
         acted = [o for o in outcomes if o.outcome in ACTED]
         if not acted and all(
-            o.outcome in ("skipped_changed", "gone") or _is_denied(o) for o in outcomes
+            o.outcome in (Result.SKIPPED_CHANGED, Result.GONE) or _is_denied(o) for o in outcomes
         ):
             return  # nothing acted: sessions that moved on are no news, denials are trouble
-        verb = f"would {first.action}" if dry else PAST.get(first.action, first.action)
+        verb = f"would {first.action}" if dry else Result.done(first.action)
         n = len(acted)
         message = (
             f"{verb} {n} session{'' if n == 1 else 's'} on {report.target} "

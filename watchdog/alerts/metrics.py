@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from watchdog.alerts.health import Health, serve
 from watchdog.config.policy import STATES, Config
+from watchdog.core.model import Result
 from watchdog.text.errors import reason as error_reason
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ log = logging.getLogger("watchdog.metrics")  # the name log filters know
 OTHER = "other"  # sessions whose state pg_stat_activity does not show (NULL)
 # Created at 0 for every policy of a target, so the first failure is an increase() that
 # alert rules see (a series born at 1 has no earlier sample to compare with).
-ALWAYS_OUTCOMES = ("failed", "unconfirmed")
+ALWAYS_OUTCOMES = (Result.FAILED, Result.UNCONFIRMED)
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0)
 
 

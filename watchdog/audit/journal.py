@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from watchdog.audit import dirfiles as auditdir
+from watchdog.core.model import Result
 from watchdog.text.escape import json_line
 
 log = logging.getLogger("watchdog.journal")  # the name log filters know
@@ -221,7 +222,7 @@ def settle(journals_fd: int, name: str, audit_dir: int, log_path: Path) -> int:
 
 def not_signalled(intents: Iterable[Record]) -> list[Record]:
     """The final records of intents whose sweep stopped before it signalled anything."""
-    return [r | {"outcome": "failed", "error": NOT_SIGNALLED} for r in intents]
+    return [r | {"outcome": Result.FAILED, "error": NOT_SIGNALLED} for r in intents]
 
 
 def _read_fd(fd: int) -> bytes:
@@ -257,7 +258,7 @@ def _unsettled(raw: bytes, audit_dir: int, log_path: Path) -> list[Record]:
     return [
         not_signalled([r])[0]
         if str(r.get("sweep")) in stopped
-        else r | {"outcome": "unconfirmed", "error": UNCONFIRMED}
+        else r | {"outcome": Result.UNCONFIRMED, "error": UNCONFIRMED}
         for r in left
     ]
 

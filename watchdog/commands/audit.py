@@ -32,11 +32,11 @@ from watchdog.audit.render import (
     write_json_lines,
     write_table,
 )
+from watchdog.core.model import Result
 from watchdog.text.errors import reason
 from watchdog.text.escape import json_line
 
-OUTCOMES: tuple[str, ...] = ("terminated", "cancelled", "would_terminate", "would_cancel")
-OUTCOMES += ("skipped_changed", "gone", "failed", "unconfirmed")
+OUTCOMES = tuple(r for r in Result if r is not Result.INTENT)  # the final ones
 # Exact-match filters: argparse dest -> record field.
 _EXACT_FILTERS: tuple[tuple[str, str], ...] = (("target", "target"), ("policy", "policy"))
 _EXACT_FILTERS += (("user", "usename"), ("db", "datname"), ("outcome", "outcome"))

@@ -20,6 +20,7 @@ from typing import Any
 from watchdog.commands.forecast_render import forecast_json, forecast_line
 from watchdog.config.policy import Config, Target
 from watchdog.config.units import format_duration
+from watchdog.config.vocab import IN_TRANSACTION
 from watchdog.core.blockers import describe as describe_blocking
 from watchdog.core.clients import describe_client
 from watchdog.core.decide import decide
@@ -32,7 +33,7 @@ from watchdog.service.sweep import look
 from watchdog.text.escape import json_line
 from watchdog.text.fit import fit
 
-IDLE_IN_TRANSACTION = ("idle in transaction", "idle in transaction (aborted)")
+IDLE_IN_TRANSACTION = IN_TRANSACTION
 _OLDEST_IIT = "oldest_idle_in_transaction_s"
 _SHOWN = 5  # next actions listed per group in text mode
 _XMIN_SHOWN = 3  # sessions holding back vacuum, in text mode

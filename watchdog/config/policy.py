@@ -14,6 +14,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from watchdog.config import conninfo
+from watchdog.config.vocab import RUNNING, Signal, State
 from watchdog.config.yamlfields import (
     Network,
     boolean,
@@ -34,14 +35,8 @@ from watchdog.text.errors import reason as error_reason
 
 T = TypeVar("T")
 
-STATES = (
-    "idle",
-    "idle in transaction",
-    "idle in transaction (aborted)",
-    "active",
-    "fastpath function call",
-)
-ACTIONS = ("terminate", "cancel")
+STATES = tuple(State)
+ACTIONS = tuple(Signal)
 MEASURED_FROM = ("state_change", "xact_start", "query_start", "backend_start")
 AUDIT_QUERY = ("redact", "full", "truncate", "omit")
 DEFAULT_CONFIG = "/etc/pg-watchdog/policies.yaml"
@@ -87,7 +82,7 @@ class Policy:
     name: str
     states: frozenset[str]
     longer_than: float
-    action: str = "terminate"
+    action: Signal = Signal.TERMINATE
     measured_from: str = "state_change"
     users: tuple[str, ...] = ()
     applications: tuple[str, ...] = ()
@@ -300,7 +295,6 @@ def _when(node: YNode) -> float:
     return percent(f["connections_above"])
 
 
-_RUNNING = {"active", "fastpath function call"}
 _POLICY_KEYS = (
     "name",
     "state",
@@ -354,8 +348,8 @@ def _policy(node: YNode, target_names: set[str]) -> Policy:
                 raise item.error(
                     f"unknown target {t!r} (targets: {', '.join(sorted(target_names))})"
                 )
-    action = opt(f, "action", choice(ACTIONS), "terminate")
-    if action == "cancel" and not set(states) <= _RUNNING:
+    action = Signal(opt(f, "action", choice(ACTIONS), "terminate"))
+    if action == Signal.CANCEL and not set(states) <= RUNNING:
         # pg_cancel_backend only stops a running query: on a waiting session it does nothing.
         raise f["action"].error(
             "cancel only stops a running query; with idle states use terminate "
@@ -363,7 +357,7 @@ def _policy(node: YNode, target_names: set[str]) -> Policy:
         )
     blocking, blocking_longer_than = _blocking(f)
     measured_from = opt(f, "measured_from", choice(MEASURED_FROM), "state_change")
-    if measured_from == "xact_start" and "idle" in states:
+    if measured_from == "xact_start" and State.IDLE in states:
         raise f["measured_from"].error(
             "an idle session has no open transaction, so xact_start never matches it"
         )

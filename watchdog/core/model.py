@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import Enum
+from enum import Enum, StrEnum
 from functools import cached_property
 from typing import NamedTuple
+
+from watchdog.config.vocab import Signal
 
 CLIENT_BACKEND = "client backend"
 APPLICATION_NAME = "pg-watchdog"
@@ -181,7 +183,7 @@ class Action:
 
     target: str
     policy: str
-    action: str  # terminate | cancel
+    action: Signal
     dry_run: bool
     session: Session
     measured_from: str
@@ -211,10 +213,39 @@ class Decision:
     next_due: float | None  # seconds until the next session crosses a threshold
 
 
+class Result(StrEnum):
+    """What happened to one action: the audit record's ``outcome``."""
+
+    TERMINATED = "terminated"
+    CANCELLED = "cancelled"
+    WOULD_TERMINATE = "would_terminate"
+    WOULD_CANCEL = "would_cancel"
+    SKIPPED_CHANGED = "skipped_changed"
+    GONE = "gone"
+    FAILED = "failed"
+    UNCONFIRMED = "unconfirmed"
+    INTENT = "intent"  # not final: the write-ahead record of a signal about to be sent
+
+    @classmethod
+    def done(cls, signal: str) -> Result:
+        """The outcome of a confirmed ``terminate`` or ``cancel``."""
+        return cls.TERMINATED if signal == Signal.TERMINATE else cls.CANCELLED
+
+    @classmethod
+    def would(cls, signal: str) -> Result:
+        """The outcome of a ``terminate`` or ``cancel`` a dry run records."""
+        return cls.WOULD_TERMINATE if signal == Signal.TERMINATE else cls.WOULD_CANCEL
+
+
+SIGNALLED = frozenset({Result.TERMINATED, Result.CANCELLED})
+# The outcomes that acted, or would have in a dry run: the kills advise and alerts count.
+KILLS = frozenset({*SIGNALLED, Result.WOULD_TERMINATE, Result.WOULD_CANCEL})
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What happened to one action."""
 
     action: Action
-    outcome: str  # terminated | cancelled | would_* | skipped_changed | gone | failed | unconfirmed
+    outcome: Result
     error: str | None = None

@@ -12,7 +12,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from watchdog.core.model import Action, Outcome, Session
+from watchdog.config.vocab import Signal
+from watchdog.core.model import Action, Outcome, Result, Session
 from watchdog.pg import queries
 
 log = logging.getLogger("watchdog.act")  # the name log filters know
@@ -25,7 +26,7 @@ CONFIRM_WITHIN = 2.0
 _CONFIRM_STEPS = (0.002, 0.004, 0.008, 0.016)
 _CONFIRM_EVERY = 0.025
 
-_VERDICT_OUTCOME = {"gone": "gone", "changed": "skipped_changed"}
+_VERDICT_OUTCOME = {"gone": Result.GONE, "changed": Result.SKIPPED_CHANGED}
 _REFUSED = {
     "denied_superuser": "permission denied: only a superuser can signal a superuser's backend",
     "denied": "permission denied: the watchdog role needs pg_signal_backend",
@@ -35,7 +36,7 @@ _REFUSED = {
 
 def dry_outcomes(actions: Sequence[Action]) -> list[Outcome]:
     """The would_* outcomes of actions that must not be signalled."""
-    return [Outcome(a, f"would_{a.action}") for a in actions]
+    return [Outcome(a, Result.would(a.action)) for a in actions]
 
 
 async def execute(
@@ -73,8 +74,8 @@ async def execute(
             # gets to (connection lost, timeout, crash mid-statement): the outcome is
             # unknown, and 'failed' would claim that nothing was signalled.
             why = f"the signalling statement failed; some or all may have been signalled: {error}"
-            return [Outcome(a, "unconfirmed", why) for a in actions]
-        return [Outcome(a, "failed", error) for a in actions]
+            return [Outcome(a, Result.UNCONFIRMED, why) for a in actions]
+        return [Outcome(a, Result.FAILED, error) for a in actions]
 
     outcomes: dict[int, Outcome] = {}
     terminated: list[Action] = []
@@ -84,14 +85,15 @@ async def execute(
         if verdict in _VERDICT_OUTCOME:
             outcomes[a.session.pid] = Outcome(a, _VERDICT_OUTCOME[verdict])
         elif verdict in _REFUSED:
-            outcomes[a.session.pid] = Outcome(a, "failed", _REFUSED[verdict])
+            outcomes[a.session.pid] = Outcome(a, Result.FAILED, _REFUSED[verdict])
         elif row["signalled"] is None:  # the statement sent no signal for this row
-            outcomes[a.session.pid] = Outcome(a, "failed", f"not signalled (verdict {verdict})")
+            why = f"not signalled (verdict {verdict})"
+            outcomes[a.session.pid] = Outcome(a, Result.FAILED, why)
         elif not row["signalled"]:
             # The function returns false when the pid is no longer a backend.
-            outcomes[a.session.pid] = Outcome(a, "gone")
-        elif a.action == "cancel":
-            outcomes[a.session.pid] = Outcome(a, "cancelled")
+            outcomes[a.session.pid] = Outcome(a, Result.GONE)
+        elif a.action == Signal.CANCEL:
+            outcomes[a.session.pid] = Outcome(a, Result.CANCELLED)
         else:
             terminated.append(a)
     if known is not None:
@@ -101,13 +103,13 @@ async def execute(
     except Exception as exc:  # the signals went out; say we could not confirm
         error = f"signalled, but confirming failed: {type(exc).__name__}: {exc}"
         for a in terminated:
-            outcomes[a.session.pid] = Outcome(a, "unconfirmed", error)
+            outcomes[a.session.pid] = Outcome(a, Result.UNCONFIRMED, error)
         survivors = None
     for a, survived in zip(terminated, survivors or [], strict=False):
         outcomes[a.session.pid] = (
-            Outcome(a, "failed", f"backend still running {CONFIRM_WITHIN:g}s after SIGTERM")
+            Outcome(a, Result.FAILED, f"backend still running {CONFIRM_WITHIN:g}s after SIGTERM")
             if survived
-            else Outcome(a, "terminated")
+            else Outcome(a, Result.TERMINATED)
         )
     if known is not None:
         known.update(outcomes)

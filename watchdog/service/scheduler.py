@@ -21,6 +21,7 @@ from watchdog.audit import offloop as audit_io
 from watchdog.audit.log import AuditError, AuditLog
 from watchdog.config.policy import Config, Target, load_config
 from watchdog.config.yamlpos import ConfigError
+from watchdog.core.model import SIGNALLED
 from watchdog.core.unreachable import never_acts
 from watchdog.pg.connect import TargetError
 from watchdog.pg.prepared import PreparedWatch
@@ -50,7 +51,6 @@ FOLLOWER_RETRY = 1.0
 STEP_CHECK = 0.5
 STEP_TOLERANCE = 1.0
 # Outcomes that signalled a backend: a sweep over its limit that signalled some makes progress.
-SIGNALLED = frozenset({"terminated", "cancelled"})
 
 
 def backlog(report: SweepReport) -> bool:

@@ -18,7 +18,7 @@ from watchdog.config.policy import Config, Target
 from watchdog.core.candidates import candidates, horizon
 from watchdog.core.clients import describe_client
 from watchdog.core.decide import decide
-from watchdog.core.model import Action, Decision, Outcome, Snapshot
+from watchdog.core.model import Action, Decision, Outcome, Result, Snapshot
 from watchdog.pg.act import dry_outcomes, execute
 from watchdog.pg.connect import STATEMENT_TIMEOUT
 from watchdog.pg.snapshot import take_snapshot
@@ -109,7 +109,7 @@ async def sweep_target(
             if s.query not in shown:
                 shown[s.query] = shown_query(s.query, config.audit.query)
             record = make_record(o, server=server, sweep=sweep, query=shown[s.query])
-            if o.outcome == "intent":
+            if o.outcome == Result.INTENT:
                 intents[s.pid] = record
             out.append(record)
         return out
@@ -170,7 +170,7 @@ async def _signal(
         raise AuditError(audit_io.stalled(audit))
     try:
         # Write-ahead: no signal leaves before its intent is on disk.
-        intents = await _built(records, [Outcome(a, "intent") for a in live], budget)
+        intents = await _built(records, [Outcome(a, Result.INTENT) for a in live], budget)
         await audit_io.call(audit, audit.write_intents, intents, budget=budget)
     except BaseException:
         # Nothing was signalled. Intents that reached the journal anyway (or will, once a
@@ -184,7 +184,7 @@ async def _signal(
         # Interrupted (timeout, shutdown) after the statement went out: signals may have
         # gone out. Outcomes already known (skipped, gone, refused) stay as they are.
         why = "sweep interrupted while signalling; outcome not confirmed"
-        done += [known.get(a.session.pid) or Outcome(a, "unconfirmed", why) for a in live]
+        done += [known.get(a.session.pid) or Outcome(a, Result.UNCONFIRMED, why) for a in live]
         audit.submit(audit.append, records(done))  # in order, before the log closes
         raise
 

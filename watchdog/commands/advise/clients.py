@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from watchdog.config.policy import Policy
 from watchdog.config.units import format_duration
+from watchdog.config.vocab import State
 
 Record = Mapping[str, object]
 # Half the threshold: room for pools that look at their idle connections only now and then
@@ -108,9 +109,9 @@ def idle_threshold(kills: Iterable[Record], policies: Mapping[str, Policy]) -> P
     """The policy a healthy pool's idle connections must stay under: of those that killed
     these sessions while idle, the quickest; else the quickest idle policy configured."""
     def idle(p: Policy) -> bool:
-        return "idle" in p.states and p.measured_from == "state_change"
+        return State.IDLE in p.states and p.measured_from == "state_change"
 
-    killers = {str(r.get("policy")) for r in kills if r.get("state") == "idle"}
+    killers = {str(r.get("policy")) for r in kills if r.get("state") == State.IDLE}
     chosen = [p for n in killers if (p := policies.get(n)) is not None and idle(p)]
     chosen = chosen or [p for p in policies.values() if idle(p)]
     return min(chosen, key=lambda p: (p.longer_than, p.name)) if chosen else None

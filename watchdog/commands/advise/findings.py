@@ -16,11 +16,12 @@ from typing import Any
 
 from watchdog.audit.render import record_time
 from watchdog.config.units import format_duration
+from watchdog.config.vocab import IN_TRANSACTION, Signal
+from watchdog.core.model import KILLS
 from watchdog.text import timestamps
 
 Record = Mapping[str, Any]
-KILLS = ("terminated", "cancelled", "would_terminate", "would_cancel")
-IIT = ("idle in transaction", "idle in transaction (aborted)")
+IIT = IN_TRANSACTION
 MIN_KILLS = 5  # fewer than this is not a pattern
 MIN_SHARE = 1 / 3  # of the target's kills (of that kind): the one to fix first
 ORDER = (
@@ -93,7 +94,7 @@ def kill_key(r: Record) -> tuple[Any, ...]:
     if r.get("pid") is None or r.get("backend_start") is None:
         return ("record", id(r))  # cannot be matched with another record: counts alone
     key: tuple[Any, ...] = (r.get("target"), r.get("pid"), r.get("backend_start"))
-    if r.get("action") == "cancel":
+    if r.get("action") == Signal.CANCEL:
         key += (r.get("query_start"),)
     return key
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from watchdog.config.policy import Target
+from watchdog.config.vocab import State
 from watchdog.core.model import APPLICATION_NAME, CLIENT_BACKEND
 from watchdog.pg import queries
 from watchdog.pg.connect import STATEMENT_TIMEOUT, TargetError, describe_error, target_session
@@ -164,7 +165,7 @@ async def _read(conn: Any, target: Target) -> Look:
         )
         clients = [s for s in sessions if s.backend_type == CLIENT_BACKEND]
         peak_used = max(peak_used, len(clients))
-        active = Counter(s.application_name for s in clients if s.state == "active")
+        active = Counter(s.application_name for s in clients if s.state == State.ACTIVE)
         peak_active = peak_active | active
     stats = tuple(
         DbStats(

@@ -8,7 +8,6 @@ from collections import Counter
 from collections.abc import Sequence
 
 from watchdog.commands.advise.findings import (
-    KILLS,
     Finding,
     Record,
     Window,
@@ -16,6 +15,7 @@ from watchdog.commands.advise.findings import (
     times,
 )
 from watchdog.config.policy import Config
+from watchdog.core.model import KILLS
 from watchdog.text import timestamps
 
 DRY_RUN_DAYS = 3.0

@@ -10,6 +10,7 @@ from collections import Counter, defaultdict
 
 from watchdog.commands.advise.findings import IIT, Finding
 from watchdog.commands.advise.look import Look
+from watchdog.config.vocab import State
 from watchdog.core.model import APPLICATION_NAME, CLIENT_BACKEND
 from watchdog.core.reserved import Slots, judge
 
@@ -35,12 +36,12 @@ def pooling(look: Look) -> list[Finding]:
     found = []
     for app, addrs in by_app.items():
         per = Counter(addrs)
-        total, idle = len(addrs), states[app]["idle"] + sum(states[app][s] for s in IIT)
+        total, idle = len(addrs), states[app][State.IDLE] + sum(states[app][s] for s in IIT)
         if len(per) < POOLING_MIN_CLIENTS or total < POOLING_MIN_SESSIONS:
             continue
         if max(per.values()) > POOLING_MAX_PER_CLIENT or idle / total < POOLING_IDLE_SHARE:
             continue
-        peak = look.peak_active.get(app, states[app]["active"])
+        peak = look.peak_active.get(app, states[app][State.ACTIVE])
         size = max(2, math.ceil(1.5 * peak))
         evidence = (
             f"'{app}': {total} sessions from {len(per)} client addresses"

@@ -32,6 +32,7 @@ from watchdog.commands.advise.findings import (
 from watchdog.commands.advise.look import Look
 from watchdog.config.policy import Policy
 from watchdog.config.units import format_duration
+from watchdog.config.vocab import Signal, State
 
 POOLER_APPS = ("pgbouncer", "odyssey", "pgcat", "pgpool")
 # A kill's clock counts as having reached the threshold within this share of it (the look
@@ -65,20 +66,20 @@ def _iit(r: Record) -> bool:
 
 
 def _cancelled(r: Record) -> bool:
-    return r.get("action") == "cancel"
+    return r.get("action") == Signal.CANCEL
 
 
 def _idle(r: Record) -> bool:
-    return r.get("state") == "idle"
+    return r.get("state") == State.IDLE
 
 
 # (finding id, setting, which kills, the kind of session in words, the clock it runs on)
 TIMEOUTS: tuple[tuple[str, str, Callable[[Record], bool], str, str], ...] = (
     ("idle_in_transaction_timeout", "idle_in_transaction_session_timeout", _iit,
-     "idle in transaction", "state_change"),
+     State.IDLE_IN_TRANSACTION, "state_change"),
     ("statement_timeout", "statement_timeout", _cancelled, "running a query (action: cancel)",
      "query_start"),
-    ("idle_session_timeout", "idle_session_timeout", _idle, "idle", "state_change"),
+    ("idle_session_timeout", "idle_session_timeout", _idle, State.IDLE, "state_change"),
 )
 
 

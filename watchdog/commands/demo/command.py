@@ -29,6 +29,7 @@ from watchdog.commands.demo.incident import APP, DemoError, Incident
 from watchdog.commands.demo.tempcluster import ClusterError, find_bindir
 from watchdog.config.policy import Config, load_config
 from watchdog.config.units import parse_duration
+from watchdog.config.vocab import State
 from watchdog.core.decide import decide
 from watchdog.core.model import APPLICATION_NAME, CLIENT_BACKEND, Snapshot
 from watchdog.pg.snapshot import take_snapshot
@@ -216,9 +217,8 @@ class Demo(Incident):
                 self.narrate_audit(config)
                 snap = await self.observe(observer, config)
                 healed = healed or await self.probe(snap)
-                leaked = [
-                    s for s in snap.sessions if s.application_name == APP and s.state != "active"
-                ]
+                leaked = [s for s in snap.sessions
+                          if s.application_name == APP and s.state != State.ACTIVE]
                 if healed and not leaked:
                     break
                 if time.monotonic() > deadline:

@@ -15,6 +15,7 @@ from typing import Any
 
 from watchdog.commands.advise.look import pg_ms
 from watchdog.config.policy import Config, Target
+from watchdog.config.vocab import State
 from watchdog.core.model import APPLICATION_NAME, Snapshot
 from watchdog.core.roles import RoleFacts
 from watchdog.core.rules import is_listen  # the one test of "last statement was LISTEN"
@@ -102,7 +103,7 @@ def _peaks(snapshots: list[Snapshot]) -> tuple[tuple[AppSeen, ...], dict[str, in
                 states = Counter(s.state or "(not visible)" for s in sessions)
                 apps[name] = AppSeen(name, len(sessions), dict(states), (), ())
         listeners |= Counter(s.application_name for s in mine
-                             if s.state == "idle" and s.query and is_listen(s.query))
+                             if s.state == State.IDLE and s.query and is_listen(s.query))
         replication |= Counter(
             f"{s.backend_type} ({s.application_name})" if s.application_name else s.backend_type
             for s in snap.sessions if _REPLICATION.match(s.backend_type))
