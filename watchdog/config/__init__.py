@@ -1,1 +1,1 @@
-"""config"""
+"""The policy file: strict validation into frozen dataclasses; connection strings; units."""

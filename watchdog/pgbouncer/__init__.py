@@ -1,1 +1,1 @@
-"""pgbouncer"""
+"""PgBouncer's admin console: bounded reads, checked rows, held connections, `check`."""

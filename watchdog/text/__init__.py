@@ -1,1 +1,1 @@
-"""text"""
+"""Text helpers at the bottom: escaping, fitting, quoting, redaction, timestamps, error lines."""

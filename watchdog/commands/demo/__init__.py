@@ -1,1 +1,1 @@
-"""commands/demo"""
+"""`pg-watchdog demo`: a throwaway server, an incident, healed; the throwaway servers."""
