@@ -48,7 +48,8 @@ from scenario import setup_roles
 from watchdog.audit.journal import journal_dir
 from watchdog.commands.demo.tempcluster import TempCluster
 from watchdog.config.policy import load_config
-from watchdog.service.scheduler import Service, runner
+from watchdog.core import backoff
+from watchdog.service.scheduler import Service
 
 PARAMS = pytest.mark.parametrize("major", MAJORS, ids=[f"pg{m}" for m in MAJORS])
 LAST = MAJORS[-1]
@@ -185,7 +186,7 @@ async def test_network_cut_mid_act_is_not_recorded_as_failed(
 async def test_long_outage_capped_backoff_with_jitter(
     make_cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(runner, "BACKOFF_CAP", 2.0)
+    monkeypatch.setattr(backoff, "CAP", 2.0)
     caplog.set_level(logging.INFO, logger="watchdog")
     c = _cluster(make_cluster, LAST)
     cfg = write_config(tmp_path / "p.yaml", c, idle="1s", interval="250ms")
@@ -213,7 +214,7 @@ async def test_long_outage_capped_backoff_with_jitter(
     delays = [float(re.search(r"next attempt in ([\d.]+)s", r.getMessage())[1]) for r in recs]
     print("next attempt in:", delays)
     for i, d in enumerate(delays, 1):
-        upper = min(2.0, runner.BACKOFF_BASE * 2**i)
+        upper = min(2.0, backoff.BASE * 2**i)
         assert upper / 2 - 0.1 <= d <= upper + 0.05, (i, d, delays)  # full jitter in [u/2, u]
     assert max(delays[:1]) <= 1.05 < max(delays), delays  # grows, then capped
     assert len(set(delays)) > 1, delays  # jittered

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from watchdog.config.policy import PoolerConfig, Target
+from watchdog.core import backoff
 from watchdog.core.candidates import Candidate
 from watchdog.core.model import ClientUnknown, PoolerLink, Snapshot
 from watchdog.pg.connect import dsn_passwords, scrub
@@ -45,8 +45,6 @@ from watchdog.text.errors import reason as error_reason
 
 log = logging.getLogger("watchdog.pooler_watch")  # the name log filters know
 
-BACKOFF_BASE = 0.5
-BACKOFF_CAP = 30.0
 # All of one pooler's work in a sweep (connect, SHOW CONFIG, SHOW SOCKETS, SHOW POOLS, SHOW
 # LISTS, a wait for the rate limit): well inside the shortest sweep timeout (5 s), so a hung
 # pooler can never time the target's sweep out.
@@ -214,8 +212,7 @@ class PoolerWatch:
         await h.drop()
         h.sockets, h.health = None, None
         h.failures += 1
-        delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(h.failures, 16))
-        h.retry_at = time.monotonic() + random.uniform(delay / 2, delay)
+        h.retry_at = backoff.retry_at(time.monotonic(), h.failures)
         h.last_error = describe_pooler_error(self.target.name, h.pooler, exc)
         log.warning("%s; next attempt in %.1fs", h.last_error, h.retry_at - time.monotonic())
 

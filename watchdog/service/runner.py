@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from typing import Any
 
@@ -13,6 +12,7 @@ import asyncpg
 from watchdog.audit.log import AuditError, AuditLog
 from watchdog.audit.offloop import AUDIT_TIMEOUT
 from watchdog.config.policy import Config, Target
+from watchdog.core import backoff
 from watchdog.pg import queries
 from watchdog.pg.connect import (
     TargetError,
@@ -36,8 +36,6 @@ _SERVER_TROUBLE = (
 )
 # One small catalog read between two sweeps: a server too slow for it is the next sweep's news.
 PREPARED_TIMEOUT = 2.0
-BACKOFF_BASE = 0.5
-BACKOFF_CAP = 30.0
 
 
 def sweep_timeout(interval: float) -> float:
@@ -103,9 +101,7 @@ class TargetRunner:
         except Exception as exc:
             await self._drop()
             self.failures += 1
-            # Full jitter keeps several watchdogs from reconnecting in lockstep.
-            delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(self.failures, 16))
-            self.retry_at = time.monotonic() + random.uniform(delay / 2, delay)
+            self.retry_at = backoff.retry_at(time.monotonic(), self.failures)
             self.last_error = describe_error(self.target, exc)
             log.warning(
                 "%s; next attempt in %.1fs", self.last_error, self.retry_at - time.monotonic()
