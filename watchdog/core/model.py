@@ -91,6 +91,11 @@ def blocking_map(sessions: Iterable[Session], now: datetime) -> dict[int, Blocki
     return {pid: Blocking(n, longest[pid]) for pid, n in count.items()}
 
 
+def ordinary_slots(max_connections: int, superuser_reserved: int, reserved: int) -> int:
+    """Connection slots an ordinary role can use (at least one)."""
+    return max(max_connections - superuser_reserved - reserved, 1)
+
+
 # -- behind a pooler ------------------------------------------------------------
 
 
@@ -144,7 +149,7 @@ class Snapshot:
     @property
     def capacity(self) -> int:
         """Connection slots an ordinary role can use."""
-        return max(self.max_connections - self.superuser_reserved - self.reserved, 1)
+        return ordinary_slots(self.max_connections, self.superuser_reserved, self.reserved)
 
     @property
     def clients(self) -> tuple[Session, ...]:

@@ -213,14 +213,6 @@ LEFT JOIN pg_roles r ON r.oid = s.setrole
 LEFT JOIN pg_database d ON d.oid = s.setdatabase
 """
 
-# The sessions now, by who they are and what they do (no query text needed).
-ADVISE_SESSIONS = """
-SELECT textsend(a.usename::text) AS usename, coalesce(a.application_name, '') AS application_name,
-       host(a.client_addr) AS client_addr, a.state, coalesce(a.backend_type, '') AS backend_type,
-       a.pid = pg_backend_pid() AS own
-FROM pg_stat_activity a
-"""
-
 # Session counters since the statistics were reset (PostgreSQL 14+; idle time in ms).
 ADVISE_DB_STATS = """
 SELECT textsend(datname::text) AS datname, sessions, sessions_killed, sessions_abandoned,

@@ -13,7 +13,7 @@ from watchdog.core.model import APPLICATION_NAME, CLIENT_BACKEND
 from watchdog.pg import queries
 from watchdog.pg.connect import STATEMENT_TIMEOUT, TargetError, describe_error, target_session
 from watchdog.pg.prepared import PreparedXact, read_prepared
-from watchdog.pg.snapshot import server_text
+from watchdog.pg.snapshot import server_text, take_snapshot
 from watchdog.text.quoting import quote_ident
 
 # The settings the advice reads (server-wide values; per role and database come separately).
@@ -71,7 +71,7 @@ class Look:
     sessions: tuple[LiveSession, ...]  # the last sample
     db_stats: tuple[DbStats, ...]
     keywords: frozenset[str]  # those quote_ident() quotes on this server (pg_get_keywords)
-    peak_used: int = 0  # client backends, at the busiest sample
+    peak_used: int = 0  # Snapshot.used (the look's own session too), at the busiest sample
     peak_active: dict[str, int] = field(default_factory=dict)  # application -> most active
     role: str = ""
     rolsuper: bool = False
@@ -155,16 +155,13 @@ async def _read(conn: Any, target: Target) -> Look:
     for i in range(SAMPLES):
         if i:
             await asyncio.sleep(SAMPLE_GAP)
+        snap = await take_snapshot(conn, t)
         sessions = tuple(
-            LiveSession(
-                server_text(r["usename"]), r["application_name"], r["client_addr"], r["state"],
-                r["backend_type"],
-            )
-            for r in await conn.fetch(queries.ADVISE_SESSIONS, timeout=t)
-            if not r["own"]
+            LiveSession(s.usename, s.application_name, s.client_addr, s.state, s.backend_type)
+            for s in snap.sessions if s.pid != snap.own_pid
         )
         clients = [s for s in sessions if s.backend_type == CLIENT_BACKEND]
-        peak_used = max(peak_used, len(clients))
+        peak_used = max(peak_used, snap.used)
         active = Counter(s.application_name for s in clients if s.state == State.ACTIVE)
         peak_active = peak_active | active
     stats = tuple(

@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 from watchdog.commands.advise.findings import IIT, Finding
 from watchdog.commands.advise.look import Look
 from watchdog.config.vocab import State
-from watchdog.core.model import APPLICATION_NAME, CLIENT_BACKEND
+from watchdog.core.model import APPLICATION_NAME, CLIENT_BACKEND, ordinary_slots
 from watchdog.core.reserved import Slots, judge
 
 MB_PER_CONNECTION = (5, 10)
@@ -66,7 +66,7 @@ def capacity(look: Look) -> list[Finding]:
     max_conn = look.number("max_connections")
     su = look.number("superuser_reserved_connections")
     reserved = look.number("reserved_connections") if look.version_num >= 160000 else 0
-    ordinary = max(max_conn - su - reserved, 1)
+    ordinary = ordinary_slots(max_conn, su, reserved)
     peak = look.peak_used
     evidence = []
     if peak / ordinary >= SATURATED:
