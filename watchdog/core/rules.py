@@ -21,30 +21,12 @@ from watchdog.core.model import (
     Session,
     Snapshot,
 )
+from watchdog.text.comments import block_end
 
 _LISTEN = re.compile(r"LISTEN\b", re.IGNORECASE)
 # A statement starting with one of these is no LISTEN: not whitespace, no comment, and no
 # letter that case-folds to L. Most statements start so, and skip the scanner below.
 NOT_LISTEN_START = frozenset("ABCDEFGHIJKMNOPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz")
-
-
-def _after_block_comment(query: str, i: int) -> int:
-    """Index just past the block comment opening at ``i`` (they nest), or -1 if unclosed."""
-    depth = 0
-    opening, closing = i, query.find("*/", i + 2)
-    while closing >= 0:
-        if 0 <= opening < closing:
-            depth, i = depth + 1, opening + 2
-        else:
-            depth, i = depth - 1, closing + 2
-            if depth == 0:
-                return i
-        # Each search starts where the last one stopped: linear in the query's length.
-        if 0 <= opening < i:
-            opening = query.find("/*", i)
-        if closing < i:
-            closing = query.find("*/", i)
-    return -1
 
 
 def is_listen(query: str) -> bool:
@@ -64,7 +46,7 @@ def is_listen(query: str) -> bool:
             if i < 0:
                 return False
         elif query.startswith("/*", i):
-            i = _after_block_comment(query, i)
+            i = block_end(query, i)
             if i < 0:
                 return False
         else:

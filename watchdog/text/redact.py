@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+from watchdog.text.comments import block_end
+
 __all__ = ["redact"]
 
 _START = "A-Za-z_\x80-\U0010ffff"  # PostgreSQL's ident_start: any non-ASCII character too
@@ -94,25 +96,6 @@ _ROLE_STATEMENT = re.compile(
 _NAMED_BEFORE = re.compile(rf"(?<![{_CONT}])(?i:ROLE|USER|GROUP|TO)[ \t\n\r\f\v]++\Z")
 
 
-def _block_end(text: str, start: int) -> int:
-    """Index just past the block comment opening at ``start`` (they nest); len(text) if open."""
-    depth, i = 0, start
-    opening, closing = start, text.find("*/", start + 2)
-    while closing >= 0:
-        if 0 <= opening < closing:
-            depth, i = depth + 1, opening + 2
-        else:
-            depth, i = depth - 1, closing + 2
-            if depth == 0:
-                return i
-        # Each search resumes where the last stopped: linear in the text's length.
-        if 0 <= opening < i:
-            opening = text.find("/*", i)
-        if closing < i:
-            closing = text.find("*/", i)
-    return len(text)
-
-
 def _scan(text: str, pattern: re.Pattern[str]) -> Iterator[tuple[str, int, int]]:
     """(kind, start, end) of each token; a role's PASSWORD argument written as a name (PASSWORD
     x or "x": a typo the server rejects, yet shows in pg_stat_activity) is kind ``secret``."""
@@ -125,7 +108,8 @@ def _scan(text: str, pattern: re.Pattern[str]) -> Iterator[tuple[str, int, int]]
         assert m is not None  # "other" matches any character
         kind, start, pos = m.lastgroup or "other", pos, m.end()
         if kind == "block":
-            pos = _block_end(text, start)
+            end = block_end(text, start)
+            pos = n if end < 0 else end  # an unclosed comment runs to the end
         elif kind == "dollar":
             close = text.find(m.group(), pos)
             pos = n if close < 0 else close + pos - start
