@@ -21,7 +21,7 @@ import pytest
 
 from watchdog.audit.reader import iter_records, parse_when
 from watchdog.audit.render import human_age
-from watchdog.commands import audit as review
+from watchdog.commands import audit as audit_command
 from watchdog.commands.audit import OUTCOMES, configure_parser, run
 from watchdog.text.statements import shape
 
@@ -113,7 +113,7 @@ def log(tmp_path_factory: pytest.TempPathFactory, records: list[Record]) -> Path
 
 @pytest.fixture(autouse=True)
 def fixed_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(review, "_now", lambda: NOW)
+    monkeypatch.setattr(audit_command, "_now", lambda: NOW)
 
 
 def audit(

@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from watchdog.audit import dirfiles as auditdir
+from watchdog.audit import dirfiles
 from watchdog.audit import journal as jr
 from watchdog.core.forecast import Episode, Forecast, Grower
 from watchdog.text.timestamps import iso
@@ -81,11 +81,11 @@ def append(path: Path, records: list[Record]) -> None:
     As every file under the audit directory: opened relative to the directory, never through
     a link, a regular file only, and as the directory's owner when root writes it.
     """
-    dir_fd = auditdir.open_dir(path.parent)
+    dir_fd = dirfiles.open_dir(path.parent)
     try:
-        with auditdir.as_owner(dir_fd, path.parent):
+        with dirfiles.as_owner(dir_fd, path.parent):
             flags = os.O_RDWR | os.O_APPEND
-            fd, created = auditdir.open_or_create(dir_fd, path.name, flags, path)
+            fd, created = dirfiles.open_or_create(dir_fd, path.name, flags, path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 data = jr.encode(records)
@@ -107,11 +107,11 @@ def read(path: Path, targets: set[str], since: datetime) -> Iterator[Record]:
     OSError when it exists but cannot be read; torn or foreign lines are skipped.
     """
     try:
-        dir_fd = auditdir.open_dir(path.parent)
+        dir_fd = dirfiles.open_dir(path.parent)
     except FileNotFoundError:
         return
     try:
-        fd = auditdir.open_file(dir_fd, path.name, os.O_RDONLY, path)
+        fd = dirfiles.open_file(dir_fd, path.name, os.O_RDONLY, path)
     except FileNotFoundError:
         return
     finally:

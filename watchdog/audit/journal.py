@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from watchdog.audit import dirfiles as auditdir
+from watchdog.audit import dirfiles
 from watchdog.core.model import Result
 from watchdog.text.escape import json_line
 
@@ -118,14 +118,14 @@ def open_journals(audit_dir: int, log: Path, create: bool) -> int | None:
     """A directory fd for the journals of `log` under `audit_dir`; None if it does not exist."""
     name = log.name + JOURNALS_SUFFIX
     try:
-        return auditdir.open_dir(log.parent, name, audit_dir)
+        return dirfiles.open_dir(log.parent, name, audit_dir)
     except FileNotFoundError:
         if not create:
             return None
     with contextlib.suppress(FileExistsError):
         os.mkdir(name, 0o750, dir_fd=audit_dir)
         os.fsync(audit_dir)
-    return auditdir.open_dir(log.parent, name, audit_dir)
+    return dirfiles.open_dir(log.parent, name, audit_dir)
 
 
 def same_file(dir_fd: int, name: str, fd: int) -> bool:
@@ -146,7 +146,7 @@ def append_locked(
     The file is opened anew each time, so a rotated log needs no signal. OSError on failure.
     """
     flags = os.O_RDWR | os.O_APPEND
-    fd, created = auditdir.open_or_create(audit_dir, log_path.name, flags, log_path)
+    fd, created = dirfiles.open_or_create(audit_dir, log_path.name, flags, log_path)
     try:
         # Held across the size check, write, fsync and any rollback: concurrent writers'
         # lines never interleave, and a rollback never cuts another writer's records.
@@ -180,7 +180,7 @@ def settle(journals_fd: int, name: str, audit_dir: int, log_path: Path) -> int:
     where = journal_dir(log_path) / name
     flags = os.O_RDWR | os.O_APPEND
     try:
-        fd = auditdir.open_file(journals_fd, name, flags, where)
+        fd = dirfiles.open_file(journals_fd, name, flags, where)
     except FileNotFoundError:
         return 0
     except PermissionError:
@@ -189,7 +189,7 @@ def settle(journals_fd: int, name: str, audit_dir: int, log_path: Path) -> int:
         _ignored(where, "permission denied; left for its owner")
         return 0
     except OSError as exc:
-        if exc.strerror not in (auditdir.SYMLINK, auditdir.NOT_REGULAR):
+        if exc.strerror not in (dirfiles.SYMLINK, dirfiles.NOT_REGULAR):
             raise
         _ignored(where, exc.strerror)
         return 0
@@ -275,10 +275,10 @@ def _committed(commit: Record, audit_dir: int, log_path: Path) -> bool:
         for name in os.listdir(audit_dir):
             if not name.startswith(log_path.name) or name.endswith(JOURNALS_SUFFIX):
                 continue
-            st = auditdir.is_regular(audit_dir, name)  # a link is never the log
+            st = dirfiles.is_regular(audit_dir, name)  # a link is never the log
             if st is None or (st.st_dev, st.st_ino) != where:
                 continue
-            fd = auditdir.open_file(audit_dir, name, os.O_RDONLY, log_path.parent / name)
+            fd = dirfiles.open_file(audit_dir, name, os.O_RDONLY, log_path.parent / name)
             try:
                 fst = os.fstat(fd)
                 if (fst.st_dev, fst.st_ino) != where:

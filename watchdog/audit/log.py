@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from watchdog.audit import dirfiles as auditdir
+from watchdog.audit import dirfiles
 from watchdog.audit import journal as jr
 from watchdog.audit.dryrun import DryRunMemory
 from watchdog.core.model import Outcome
@@ -147,9 +147,9 @@ class AuditLog:
     @contextlib.contextmanager
     def _dir(self) -> Iterator[int]:
         """The audit directory's fd; as root in another user's directory, work as that user."""
-        fd = auditdir.open_dir(self.path.parent)
+        fd = dirfiles.open_dir(self.path.parent)
         try:
-            with auditdir.as_owner(fd, self.path.parent):
+            with dirfiles.as_owner(fd, self.path.parent):
                 yield fd
         finally:
             os.close(fd)
@@ -208,7 +208,7 @@ class AuditLog:
                 name = self.intent_path.name
             tmp = jr.NEW + name
             flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL
-            fd = auditdir.open_file(journals, tmp, flags, self.journal_dir / tmp)
+            fd = dirfiles.open_file(journals, tmp, flags, self.journal_dir / tmp)
             try:
                 # Blocking: a process settling journals may hold it for an instant, having
                 # found it empty (being created) and left it alone.

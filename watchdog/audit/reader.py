@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from watchdog.audit import dirfiles as auditdir
+from watchdog.audit import dirfiles
 from watchdog.config.units import parse_duration
 from watchdog.text.errors import reason
 
@@ -70,7 +70,7 @@ def audit_files(path: Path) -> list[Path]:
                 continue
             if entry.is_symlink():
                 # Whoever owns the directory could point it at a file only root may read.
-                warn(f"not following {path.parent / entry.name}: {auditdir.SYMLINK}")
+                warn(f"not following {path.parent / entry.name}: {dirfiles.SYMLINK}")
                 continue
             if not entry.is_file(follow_symlinks=False):
                 continue
@@ -90,9 +90,9 @@ def audit_files(path: Path) -> list[Path]:
 @contextlib.contextmanager
 def open_log(path: Path) -> Iterator[io.BufferedIOBase]:
     """`path` for reading, never through a symbolic link, only if it is a regular file."""
-    dir_fd = auditdir.open_dir(path.parent)
+    dir_fd = dirfiles.open_dir(path.parent)
     try:
-        fd = auditdir.open_file(dir_fd, path.name, os.O_RDONLY, path)
+        fd = dirfiles.open_file(dir_fd, path.name, os.O_RDONLY, path)
     finally:
         os.close(dir_fd)
     with os.fdopen(fd, "rb") as raw:

@@ -100,12 +100,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from watchdog.commands import audit as review
+    from watchdog.commands import audit as audit_command
 
     def audit_path(path: str | None) -> Path:
         return load_config(config_path(path)).audit.path
 
-    return review.run(args, audit_path)
+    return audit_command.run(args, audit_path)
 
 
 def _cmd_advise(args: argparse.Namespace) -> int:
@@ -167,9 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("audit", "review the termination audit log")
     try:
-        from watchdog.commands import audit as review
+        from watchdog.commands import audit as audit_command
 
-        review.configure_parser(p)
+        audit_command.configure_parser(p)
     except ImportError:  # pragma: no cover - during development only
         pass
     p.set_defaults(func=_cmd_audit, log_level=logging.WARNING)

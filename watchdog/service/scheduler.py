@@ -17,7 +17,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from watchdog.alerts.hub import Alerts
 from watchdog.alerts.metrics import Metrics
-from watchdog.audit import offloop as audit_io
+from watchdog.audit import offloop
 from watchdog.audit.log import AuditError, AuditLog
 from watchdog.config.policy import Config, Target, load_config
 from watchdog.config.yamlpos import ConfigError
@@ -268,7 +268,7 @@ class Service:
 
     def _recovered(self, name: str) -> None:
         for key in [k for k in self.troubled if k.startswith(f"{name}:")]:
-            if key == f"{name}:audit" and audit_io.is_stalled(self.audit):
+            if key == f"{name}:audit" and offloop.is_stalled(self.audit):
                 continue  # a sweep that wrote nothing proves nothing about the stalled log
             log.info("%s: recovered (%s)", name, key.split(":", 1)[1])
             del self.troubled[key]

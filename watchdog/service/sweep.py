@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from watchdog.audit import offloop as audit_io
+from watchdog.audit import offloop
 from watchdog.audit.log import AuditError, AuditLog, make_record, shown_query
 from watchdog.config.policy import Config, Target
 from watchdog.core.candidates import candidates, horizon
@@ -82,7 +82,7 @@ async def sweep_target(
     # not only when another action comes; AuditError (nothing signalled) while it fails.
     # Most sweeps have none: no thread hop for them (flush_backlog checks again, locked).
     if audit.backlog:
-        await audit_io.call(audit, audit.flush_backlog, budget=budget)
+        await offloop.call(audit, audit.flush_backlog, budget=budget)
     dry = [a for a in decision.actions if a.dry_run] if leader else []
     fresh = audit.dry_recorded.fresh(target.name, dry_outcomes(dry), snapshot.sessions)
     live = [a for a in decision.actions if not a.dry_run]
@@ -121,7 +121,7 @@ async def sweep_target(
         outcomes += await _signal(conn, audit, live, sweep, records, budget, outcomes)
     report.records = await _built(records, outcomes, budget)
     try:
-        await audit_io.call(audit, audit.append, report.records, budget=budget)
+        await offloop.call(audit, audit.append, report.records, budget=budget)
     except AuditError as exc:
         # The signals went out: what they did still reaches alerts and metrics; the records
         # stay queued or held back and are written once the log takes them.
@@ -147,7 +147,7 @@ async def _built(
 ) -> list[dict[str, Any]]:
     """The records of ``items``, built off the loop and off the server's time budget:
     redacting a hostile megabyte of query text takes a while, and is no server trouble."""
-    async with audit_io.paused(budget):
+    async with offloop.paused(budget):
         return await asyncio.to_thread(records, items)
 
 
@@ -165,13 +165,13 @@ async def _signal(
     `done`: the sweep's outcomes so far (its dry run's); interrupted after the signalling
     statement went out, `live`'s outcomes join them there and all are recorded.
     """
-    if audit_io.is_stalled(audit):
+    if offloop.is_stalled(audit):
         # A write is stuck already: queueing intents behind it would only pile them up.
-        raise AuditError(audit_io.stalled(audit))
+        raise AuditError(offloop.stalled(audit))
     try:
         # Write-ahead: no signal leaves before its intent is on disk.
         intents = await _built(records, [Outcome(a, Result.INTENT) for a in live], budget)
-        await audit_io.call(audit, audit.write_intents, intents, budget=budget)
+        await offloop.call(audit, audit.write_intents, intents, budget=budget)
     except BaseException:
         # Nothing was signalled. Intents that reached the journal anyway (or will, once a
         # late write finishes) are settled as such, never left for `unconfirmed`.

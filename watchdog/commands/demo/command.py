@@ -24,7 +24,7 @@ from typing import Any
 import asyncpg
 import yaml
 
-from watchdog.commands import audit as review
+from watchdog.commands import audit as audit_command
 from watchdog.commands.demo.incident import APP, DemoError, Incident
 from watchdog.commands.demo.tempcluster import ClusterError, find_bindir
 from watchdog.config.policy import Config, load_config
@@ -259,8 +259,8 @@ class Demo(Incident):
     def summary(self) -> None:
         print(f"\n$ pg-watchdog audit --file {self.audit} --summary", flush=True)
         parser = argparse.ArgumentParser(prog="pg-watchdog audit")
-        review.configure_parser(parser)
-        review.run(
+        audit_command.configure_parser(parser)
+        audit_command.run(
             parser.parse_args(["--file", str(self.audit), "--summary"]), lambda _: self.audit
         )
         sys.stdout.flush()
