@@ -21,12 +21,12 @@ from typing import Any
 TREE = Path(sys.argv[1]).resolve()
 sys.path.insert(0, str(TREE))  # before any import of watchdog: measure that checkout's code
 
-from watchdog import sweep  # noqa: E402
 from watchdog.audit.log import AuditLog  # noqa: E402
 from watchdog.config.policy import load_config  # noqa: E402
 from watchdog.pg import queries  # noqa: E402
 from watchdog.pg.connect import connect, server_address  # noqa: E402
 from watchdog.pg.snapshot import take_snapshot  # noqa: E402
+from watchdog.service import sweep  # noqa: E402
 
 
 class TimedAudit(AuditLog):

@@ -34,8 +34,8 @@ from benchlib import Holder, log_entries, machine, pct, setup_roles, table
 
 from watchdog.commands.demo.tempcluster import TempCluster, start_cluster
 from watchdog.config.policy import load_config
+from watchdog.service import scheduler as service_module
 from watchdog.service.scheduler import Service
-from watchdog.service.scheduler import scheduler as service_module
 from watchdog.service.sweep import SweepReport
 
 SESSIONS = 200

@@ -73,8 +73,8 @@ from watchdog.config.policy import load_config  # noqa: E402
 from watchdog.pg import act as wd_act  # noqa: E402
 from watchdog.pg import queries as wd_queries  # noqa: E402
 from watchdog.pg.connect import TargetError  # noqa: E402
+from watchdog.service import sweep as wd_sweep  # noqa: E402
 from watchdog.service.runner import TargetRunner  # noqa: E402
-from watchdog.service.scheduler import sweep as wd_sweep  # noqa: E402
 
 APP = "soak"
 WATCHDOG_APP = "pg-watchdog"

@@ -27,10 +27,10 @@ sys.path.insert(0, str(TREE))  # before any import of watchdog: measure that che
 
 import asyncpg  # noqa: E402
 
-from watchdog import queries  # noqa: E402
 from watchdog.audit.log import AuditLog  # noqa: E402
 from watchdog.config.policy import load_config  # noqa: E402
 from watchdog.core.decide import decide  # noqa: E402
+from watchdog.pg import queries  # noqa: E402
 from watchdog.pg import snapshot as snapshot_module  # noqa: E402
 from watchdog.pg.connect import connect, server_address  # noqa: E402
 from watchdog.pg.snapshot import take_snapshot  # noqa: E402
