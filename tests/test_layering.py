@@ -45,6 +45,9 @@ def test_the_tree_keeps_every_contract() -> None:
      "watchdog.service.sweep -> watchdog.commands.once"),
     ("pg/act.py", "import watchdog.alerts.hub  # noqa", "Layers of watchdog",
      "watchdog.pg.act -> watchdog.alerts.hub"),
+    ("alerts/metrics.py", "import typing  # noqa\nif typing.TYPE_CHECKING:\n"
+     "    import watchdog.service.sweep  # noqa", "Layers of watchdog",
+     "watchdog.alerts.metrics -> watchdog.service.sweep"),  # types count too
     ("core/rules.py", "import asyncio  # noqa", "core is pure", "watchdog.core.rules -> asyncio"),
     ("pg/connect.py", "import temppooler  # noqa", "watchdog never imports the tests",
      "watchdog.pg.connect -> temppooler"),

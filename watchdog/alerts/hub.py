@@ -22,10 +22,10 @@ from watchdog.core.model import KILLS, Result
 from watchdog.pg.connect import scrub
 
 if TYPE_CHECKING:
+    from watchdog.alerts.report import Swept
     from watchdog.core.forecast import Forecast, Grower
     from watchdog.core.model import Outcome, PoolerLink, Session
     from watchdog.pg.prepared import PreparedXact
-    from watchdog.service.sweep import SweepReport
 
 log = logging.getLogger("watchdog.alerts")  # the name log filters know
 
@@ -80,7 +80,7 @@ class Alerts(SentryChannel):
 
     # -- events ------------------------------------------------------------------
 
-    def swept(self, report: SweepReport) -> None:
+    def swept(self, report: Swept) -> None:
         """Events for a sweep that acted (one per policy), and saturation crossings."""
         try:
             self._saturation(report)
@@ -95,7 +95,7 @@ class Alerts(SentryChannel):
         except Exception:
             log.exception("%s: alerting on a sweep failed", report.target)
 
-    def _acted(self, report: SweepReport, policy: str, outcomes: list[Outcome]) -> None:
+    def _acted(self, report: Swept, policy: str, outcomes: list[Outcome]) -> None:
         first = outcomes[0].action
         dry = any(o.action.dry_run for o in outcomes)
         counts = Counter(o.outcome for o in outcomes)
@@ -138,7 +138,7 @@ class Alerts(SentryChannel):
             contexts={"pg_watchdog": context},
         )
 
-    def _permission(self, report: SweepReport) -> None:
+    def _permission(self, report: Swept) -> None:
         denied = [o for o in report.outcomes if _is_denied(o)]
         if not denied:
             self._denied.discard(report.target)
@@ -154,7 +154,7 @@ class Alerts(SentryChannel):
         self._denied.add(report.target)
         self.trouble("permission", message, report.target)
 
-    def _saturation(self, report: SweepReport) -> None:
+    def _saturation(self, report: Swept) -> None:
         target, snap = report.target, report.snapshot
         threshold = self.config.alerts.connections_above
         level = snap.saturation
@@ -250,7 +250,7 @@ class Alerts(SentryChannel):
             },
         )
 
-    def exhaustion(self, report: SweepReport, fc: Forecast) -> None:
+    def exhaustion(self, report: Swept, fc: Forecast) -> None:
         """The forecast fell within alerts.exhaustion_within: one error event per crossing,
         naming the estimate and who grows fastest (the caller keeps the crossing state)."""
         try:
@@ -258,7 +258,7 @@ class Alerts(SentryChannel):
         except Exception:
             log.exception("%s: alerting on the exhaustion forecast failed", report.target)
 
-    def _exhaustion(self, report: SweepReport, fc: Forecast) -> None:
+    def _exhaustion(self, report: Swept, fc: Forecast) -> None:
         target, eta = report.target, fc.eta_s or 0.0
         growing = ", ".join(f"{g.name!r} {60 * g.rate:+.0f}/min" for g in fc.applications[:3])
         plain = (

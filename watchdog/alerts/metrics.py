@@ -22,8 +22,8 @@ from watchdog.core.model import Result
 from watchdog.text.errors import reason as error_reason
 
 if TYPE_CHECKING:
+    from watchdog.alerts.report import Swept
     from watchdog.core.forecast import Forecast
-    from watchdog.service.sweep import SweepReport
 
 log = logging.getLogger("watchdog.metrics")  # the name log filters know
 
@@ -162,7 +162,7 @@ class Metrics:
             self.actions.remove(target, policy, outcome)
         self._forget_poolers(target)
 
-    def swept(self, report: SweepReport) -> None:
+    def swept(self, report: Swept) -> None:
         """Count one sweep's actions and record the target's connections."""
         if not self.enabled:
             return
@@ -253,7 +253,7 @@ class Metrics:
                 with contextlib.suppress(KeyError):
                     g.remove(t, pooler)
 
-    def pooled(self, report: SweepReport) -> None:
+    def pooled(self, report: Swept) -> None:
         """Each pooler's pools, clients and limit as its read this sweep showed them."""
         if not self.enabled:
             return

@@ -13,8 +13,8 @@ from watchdog.config.policy import Config
 if TYPE_CHECKING:
     from sentry_sdk._types import LogLevelStr
 
+    from watchdog.alerts.report import Swept
     from watchdog.pgbouncer.console import PoolerLook
-    from watchdog.service.sweep import SweepReport
 
 log = logging.getLogger("watchdog.alerts_pooler")  # the name log filters know
 
@@ -50,7 +50,7 @@ class PoolerAlerts:
         self._full &= known
         self._down = {k: v for k, v in self._down.items() if k in known}
 
-    def swept(self, report: SweepReport) -> None:
+    def swept(self, report: Swept) -> None:
         """Unreachable poolers (once each until they answer again), then the crossings."""
         target = report.target
         for pooler, error in report.poolers.errors.items():
@@ -84,7 +84,7 @@ class PoolerAlerts:
         state.add(key)
         return True
 
-    def _wait(self, report: SweepReport, look: PoolerLook) -> None:
+    def _wait(self, report: Swept, look: PoolerLook) -> None:
         limit = self.channel.config.alerts.pooler_wait_above
         pools = look.pools()
         worst = max(pools, key=lambda p: p.maxwait_s, default=None)
@@ -125,7 +125,7 @@ class PoolerAlerts:
             }},
         )
 
-    def _clients(self, report: SweepReport, look: PoolerLook) -> None:
+    def _clients(self, report: Swept, look: PoolerLook) -> None:
         threshold = self.channel.config.alerts.connections_above
         key = (report.target, look.name)
         if threshold is None or not look.max_client_conn:
