@@ -1,8 +1,8 @@
 """`pg-watchdog status`: the connection picture of each target, and what the policies will do.
 
 Session values (user names, application names) come from the servers being watched and may
-hold newlines or terminal escapes: text output goes through review_render's escaping, JSON
-through its terminal-safe encoder.
+hold newlines or terminal escapes: text output goes through text.fit's escaping, JSON
+through text.escape's terminal-safe encoder.
 """
 
 from __future__ import annotations

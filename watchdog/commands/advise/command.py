@@ -1,7 +1,7 @@
 """`pg-watchdog advise`: read the audit log, look at each target once, print the findings.
 
-Text goes through review_render's escaping (application and role names come from the
-watched servers); JSON through its terminal-safe encoder.
+Text goes through text.fit's escaping (application and role names come from the watched
+servers); JSON through text.escape's terminal-safe encoder.
 """
 
 from __future__ import annotations
