@@ -76,8 +76,7 @@ class _Held:
         self.pooler = pooler
         self.conn: Console | None = None
         self.limit: int | None = None
-        self.failures = 0
-        self.retry_at = 0.0
+        self.backoff = backoff.Backoff()
         self.last_error: str | None = None  # set while the pooler cannot be read
         self.tried = False  # this round connected to it or failed trying
         self.addrs = PoolerAddrs(pooler.name, pooler.dsn)
@@ -152,7 +151,7 @@ class PoolerWatch:
         if h.conn is not None and not h.conn.closed:
             return h.conn
         await h.drop()
-        if time.monotonic() < h.retry_at:
+        if h.backoff.waiting(time.monotonic()):
             raise _Waiting
         h.conn = conn = await asyncio.wait_for(connect_pooler(h.pooler), CONNECT_TIMEOUT + 0.5)
         h.limit = await asyncio.wait_for(max_client_conn(conn), READ_TIMEOUT)
@@ -202,19 +201,18 @@ class PoolerWatch:
             h.tried = True
             await self._fail(h, exc)
             return 0
-        if h.failures:
+        if failures := h.backoff.recovered():
             log.info("%s: pooler %s answers again after %d failures", self.target.name,
-                     h.pooler.name, h.failures)
-        h.failures, h.last_error = 0, None
+                     h.pooler.name, failures)
+        h.last_error = None
         return dropped
 
     async def _fail(self, h: _Held, exc: Exception) -> None:
         await h.drop()
         h.sockets, h.health = None, None
-        h.failures += 1
-        h.retry_at = backoff.retry_at(time.monotonic(), h.failures)
+        wait = h.backoff.failed(time.monotonic())
         h.last_error = describe_pooler_error(self.target.name, h.pooler, exc)
-        log.warning("%s; next attempt in %.1fs", h.last_error, h.retry_at - time.monotonic())
+        log.warning("%s; next attempt in %.1fs", h.last_error, wait)
 
     async def read(
         self, snapshot: Snapshot | None = None, server: str = "",

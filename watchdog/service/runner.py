@@ -66,8 +66,7 @@ class TargetRunner:
         # leads only once it has won the lock itself.
         self._lock: tuple[Any, int] | None = None
         self._role = ""
-        self.failures = 0
-        self.retry_at = 0.0
+        self.backoff = backoff.Backoff()
         self.last_error: str | None = None
         self.poolers = PoolerWatch(target) if target.poolers else None
         # The DSN the open connection was made with (a reload may name another).
@@ -92,7 +91,7 @@ class TargetRunner:
             # Closed under us (server restart, terminated, kernel gave up on a silent peer):
             # the lock went with it.
             await self._drop()
-        if time.monotonic() < self.retry_at:
+        if self.backoff.waiting(time.monotonic()):
             # The same message as the failed attempt: one outage, one alert.
             raise TargetError(self.last_error or f"{self.target.name}: unreachable")
         try:
@@ -100,23 +99,16 @@ class TargetRunner:
             self.conn, self.server = await open_target(self.target)
         except Exception as exc:
             await self._drop()
-            self.failures += 1
-            self.retry_at = backoff.retry_at(time.monotonic(), self.failures)
+            wait = self.backoff.failed(time.monotonic())
             self.last_error = describe_error(self.target, exc)
-            log.warning(
-                "%s; next attempt in %.1fs", self.last_error, self.retry_at - time.monotonic()
-            )
+            log.warning("%s; next attempt in %.1fs", self.last_error, wait)
             raise TargetError(self.last_error) from None
-        if self.failures:
+        if failures := self.backoff.recovered():
             log.info(
-                "%s: reconnected to %s after %d failures",
-                self.target.name,
-                self.server,
-                self.failures,
+                "%s: reconnected to %s after %d failures", self.target.name, self.server, failures
             )
         else:
             log.info("%s: connected to %s", self.target.name, self.server)
-        self.failures = 0
         self.last_error = None
 
     async def _drop(self) -> None:
@@ -221,7 +213,7 @@ class TargetRunner:
             elif self.poolers is not None:
                 self.poolers.retarget(target)
             if target.dsn != self.target.dsn or target.password_file != self.target.password_file:
-                self.retry_at = 0.0  # new settings: the next sweep tries them at once
+                self.backoff.retry_now()  # new settings: the next sweep tries them at once
             self.target = target
 
     async def _switch(self, target: Target, lock_key: int) -> None:
