@@ -85,23 +85,15 @@ def decide(
                     f"{p.name}: server at {saturation:.0%}, acts above {p.connections_above:.0%}"
                 )
                 continue
-            if p.blocking:
-                # Computed once per snapshot, on first use: nothing while nobody waits.
-                harmless = not_harmful(p, snapshot.blocking.get(s.pid))
-                if harmless is not None:
-                    why_not.append(f"{p.name}: {harmless[0]}")
-                    if harmless[1] > 0:
-                        due = max(harmless[1], p.longer_than - age)
-                        next_due = due if next_due is None else min(next_due, due)
+            wait = _not_now(p, snapshot, s, age)
+            if wait is not None:
+                if wait.due is not None:
+                    next_due = wait.due if next_due is None else min(next_due, wait.due)
+                if not wait.claimed:
+                    why_not.append(f"{p.name}: {wait.why}")
                     continue
-            if age <= p.longer_than:
-                # The first matching policy claims the session, due or not (as in
-                # pg_hba.conf): a gentler specific rule first is never overridden by a
-                # stricter generic one after it.
-                due = p.longer_than - age
-                next_due = due if next_due is None else min(next_due, due)
-                reason = "; ".join([*why_not, f"{p.name}: not yet due"])
-                verdict = Verdict(s, p.name, reason, False, due)
+                reason = "; ".join([*why_not, f"{p.name}: {wait.why}"])
+                verdict = Verdict(s, p.name, reason, False, wait.due)
                 break
             actions.append(_action(snapshot, config, target, dry_run, p, s, age, link))
             why = f"{p.name}: {s.state} past {p.longer_than:g}s"
@@ -115,6 +107,30 @@ def decide(
             )
         verdicts.append(verdict)
     return _decision(config, actions, tuple(verdicts), next_due)
+
+
+class _Wait(NamedTuple):
+    """Why a policy that matches a session does not act on it now."""
+
+    # True: the policy claims the session all the same, and no later policy is tried (as in
+    # pg_hba.conf, a gentler specific rule first is never overridden by a stricter generic
+    # one after it). False: it passes the session on to the next policy.
+    claimed: bool
+    due: float | None  # seconds until it may act, when that is known
+    why: str
+
+
+def _not_now(p: Policy, snapshot: Snapshot, s: Session, age: float) -> _Wait | None:
+    """Why ``p`` does not act on ``s`` (``age`` seconds into its state) now; None: it acts."""
+    if p.blocking:
+        # Computed once per snapshot, on first use: nothing while nobody waits.
+        harmless = not_harmful(p, snapshot.blocking.get(s.pid))
+        if harmless is not None:
+            why, after = harmless
+            return _Wait(False, max(after, p.longer_than - age) if after > 0 else None, why)
+    if age <= p.longer_than:
+        return _Wait(True, p.longer_than - age, "not yet due")
+    return None
 
 
 def _action(
@@ -257,19 +273,14 @@ def _decide_for_sweep(
                 age = (now - since).total_seconds()
             else:
                 # Rare: the age and the harm are judged per session, as decide() does.
-                p = c.policy
                 age = (now - since).total_seconds()
-                if p.blocking:
-                    harmless = not_harmful(p, snapshot.blocking.get(s.pid))
-                    if harmless is not None:
-                        if harmless[1] > 0:
-                            due = max(harmless[1], p.longer_than - age)
-                            next_due = due if next_due is None else min(next_due, due)
-                        continue
-                if age <= p.longer_than:
-                    due = p.longer_than - age
-                    next_due = due if next_due is None else min(next_due, due)
-                    break
+                wait = _not_now(c.policy, snapshot, s, age)
+                if wait is not None:
+                    if wait.due is not None:
+                        next_due = wait.due if next_due is None else min(next_due, wait.due)
+                    if wait.claimed:
+                        break
+                    continue
             actions.append(_action(snapshot, config, target, dry_run, c.policy, s, age, link))
             break
     for p, first in zip(policies, oldest, strict=True):
