@@ -47,9 +47,9 @@ INTERVAL = 30.0
 class CountingService(Service):
     sweeps = 0
 
-    async def _sweep(self, name: str) -> None:
+    async def _sweep(self, name: str) -> SweepReport | None:
         self.sweeps += 1
-        await super()._sweep(name)
+        return await super()._sweep(name)  # _run schedules the next sweep from the report
 
 
 class FixedService(CountingService):
